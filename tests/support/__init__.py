@@ -1,0 +1,1 @@
+"""Test support code: a throwaway PostgreSQL cluster and the pgmux proxy as a subprocess."""
