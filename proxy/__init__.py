@@ -1,0 +1,3 @@
+"""pgmux: a PostgreSQL connection pooler on asyncio and uvloop."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,124 @@
+"""The running proxy: listeners, the registry of pools and clients, signals, shutdown.
+
+Lifecycle as in uvicorn: ``startup`` opens the listeners, ``main_loop`` waits for a
+signal, ``shutdown`` stops accepting, closes idle clients, lets transactions in
+flight finish up to shutdown_timeout, then closes everything. A second signal makes
+the shutdown immediate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+
+from .client import ClientConnection
+from .config import Config
+from .errors import ShuttingDown
+from .janitor import run_janitor
+from .pool import ClientState, Registry
+from .server import open_server
+
+log = logging.getLogger("pgmux")
+
+
+class App:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.registry: Registry | None = None
+        self.listeners: list[asyncio.Server] = []
+        self._stop = asyncio.Event()
+        self._force = False
+        self._janitor: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        await self.startup()
+        try:
+            await self.main_loop()
+        finally:
+            await self.shutdown()
+
+    async def startup(self) -> None:
+        loop = asyncio.get_running_loop()
+        registry = self.registry = Registry(self.config, loop)
+        registry.open_server = lambda pool: open_server(registry, pool)
+        config = self.config
+        hosts = [h.strip() for h in config.listen_addr.split(",") if h.strip()]
+        for host in hosts:
+            bind = None if host == "*" else host
+            listener = await loop.create_server(
+                lambda: ClientConnection(registry),
+                bind,
+                config.listen_port,
+                backlog=config.listen_backlog,
+                reuse_address=True,
+            )
+            self.listeners.append(listener)
+        addresses = ", ".join(
+            _format_addr(sock.getsockname()) for lst in self.listeners for sock in lst.sockets
+        )
+        log.info(
+            "pgmux listening on %s (pool_mode=%s, databases: %s)",
+            addresses,
+            config.pool_mode,
+            ", ".join(sorted(config.databases)),
+        )
+        self._janitor = loop.create_task(run_janitor(registry))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: int) -> None:
+        if self._stop.is_set():
+            log.warning("second %s: shutting down now", signal.Signals(sig).name)
+            self._force = True
+        else:
+            log.info("%s: shutting down (a second signal makes it immediate)",
+                     signal.Signals(sig).name)  # fmt: skip
+        self._stop.set()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def main_loop(self) -> None:
+        await self._stop.wait()
+
+    async def shutdown(self) -> None:
+        registry = self.registry
+        if registry is None:
+            return
+        registry.shutting_down = True
+        for listener in self.listeners:
+            listener.close()
+        error = ShuttingDown("pooler is shutting down; reconnect to another instance")
+        deadline = time.monotonic() + self.config.shutdown_timeout
+        # Idle clients go now; clients in a transaction may finish it first.
+        while True:
+            for client in list(registry.clients):
+                if client.state is not ClientState.ACTIVE or self._force:
+                    client.fail(error)
+            if not registry.clients or time.monotonic() >= deadline or self._force:
+                break
+            await asyncio.sleep(0.05)
+        for client in list(registry.clients):
+            client.fail(error)
+        for pool in registry.iter_pools():
+            for server in list(pool.servers):
+                server.close("pooler is shutting down")
+        if self._janitor is not None:
+            self._janitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._janitor
+        for listener in self.listeners:
+            await listener.wait_closed()
+        await asyncio.sleep(0)  # let the transports flush their goodbyes
+        log.info("pgmux stopped")
+
+
+def _format_addr(sockname: object) -> str:
+    if isinstance(sockname, tuple):
+        host, port = sockname[0], sockname[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(sockname)

@@ -1,0 +1,399 @@
+"""Pools of server connections, the queue of clients waiting for one, and the registry.
+
+This is the one place where connections move between lists and change state (like
+PgBouncer's objects.c): a server is CONNECTING/LOGIN, IDLE in ``Pool.idle``, ACTIVE
+while linked to a client, or CLOSED; a client is LOGIN, IDLE (logged in, no server),
+WAITING in ``Pool.waiters``, ACTIVE (linked), or CLOSED. Connection code asks the pool
+to make a move; it does not shuffle lists itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .config import Config, DatabaseConfig
+from .errors import ProxyError, QueryWaitTimeout, ServerUnreachable
+
+if TYPE_CHECKING:
+    import asyncio
+
+log = logging.getLogger("pgmux.pool")
+
+Settings = tuple[tuple[str, str], ...]
+"""A client's session settings: sorted ``(lowercase name, value)`` pairs, interned."""
+
+NO_SETTINGS: Settings = ()
+
+
+class ServerState(enum.Enum):
+    CONNECTING = "connecting"  # TCP connect in progress; counted in Pool.connecting
+    LOGIN = "login"  # logging in; in Pool.servers
+    IDLE = "idle"  # logged in, in Pool.idle
+    ACTIVE = "active"  # linked to a client (or running pgmux's own reset/settings)
+    CLOSED = "closed"
+
+
+class ClientState(enum.Enum):
+    LOGIN = "login"  # startup and authentication
+    IDLE = "idle"  # logged in, holds no server
+    WAITING = "waiting"  # in Pool.waiters, wants a server
+    ACTIVE = "active"  # linked to a server
+    CLOSED = "closed"
+
+
+class PooledServer(Protocol):
+    """What the pool needs of a server connection."""
+
+    state: ServerState
+    settings: Settings
+    created_at: float
+    idle_since: float
+
+    def close(self, reason: str) -> None: ...
+
+
+class PooledClient(Protocol):
+    """What the pool needs of a client connection."""
+
+    state: ClientState
+    wait_started: float
+
+    def assign_server(self, server: Any) -> None: ...
+
+    def fail_wait(self, error: ProxyError) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    """Everything about a pool that comes from configuration."""
+
+    database: DatabaseConfig
+    user: str
+    server_user: str
+    server_password: str | None
+    pool_mode: str
+    pool_size: int
+    min_pool_size: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.database.name}/{self.user}"
+
+
+class Pool:
+    """Server connections for one (database, user), and the clients queued for them."""
+
+    def __init__(
+        self, settings: PoolSettings, config: Config, open_server: Callable[[Pool], None]
+    ) -> None:
+        self.settings = settings
+        self.config = config
+        self.name = settings.name
+        self.mode = settings.pool_mode
+        self.size = settings.pool_size
+        self._open_server = open_server
+        self.idle: deque[PooledServer] = deque()
+        self.servers: set[PooledServer] = set()
+        self.connecting = 0
+        self.waiters: deque[PooledClient] = deque()
+        self.n_waiting = 0
+        # Learned from the first server login: what clients are told at login.
+        self.params: dict[str, str] | None = None
+        self.param_names: dict[str, str] = {}  # lowercase -> the server's spelling
+        # (name, value) settings a server accepted, with the value it reported back.
+        self.verified: dict[tuple[str, str], str | None] = {}
+        self._interned: dict[Settings, Settings] = {NO_SETTINGS: NO_SETTINGS}
+        self.last_error: ProxyError | None = None
+        self.last_error_at = 0.0
+        self.welcome_cache: dict[Settings, bytes] = {}
+
+    def __repr__(self) -> str:
+        return f"<Pool {self.name} {len(self.servers)}+{self.connecting}/{self.size}>"
+
+    # -- settings ------------------------------------------------------------------
+
+    def intern(self, settings: Settings) -> Settings:
+        """One shared tuple per distinct settings, so equal settings compare by identity."""
+        found = self._interned.get(settings)
+        if found is not None:
+            return found
+        if len(self._interned) > 10000:
+            self._interned.clear()
+            self._interned[NO_SETTINGS] = NO_SETTINGS
+        self._interned[settings] = settings
+        return settings
+
+    def cache_welcome(self, settings: Settings, welcome: bytes) -> None:
+        """Remember the login reply for clients with these settings (bounded)."""
+        if len(self.welcome_cache) > 1000:
+            self.welcome_cache.clear()
+        self.welcome_cache[settings] = welcome
+
+    def learn_params(self, params: dict[str, str]) -> None:
+        if self.params is None:
+            self.params = dict(params)
+            self.param_names = {name.lower(): name for name in params}
+
+    # -- servers -------------------------------------------------------------------
+
+    def acquire(self, client: PooledClient) -> PooledServer | None:
+        """An idle server for ``client`` now, or None with the client queued (FIFO)."""
+        if self.idle and not self.n_waiting:
+            server = self.idle.pop()  # LIFO: the most recently used server is warmest
+            server.state = ServerState.ACTIVE
+            client.state = ClientState.ACTIVE
+            return server
+        client.state = ClientState.WAITING
+        client.wait_started = time.monotonic()
+        self.waiters.append(client)
+        self.n_waiting += 1
+        self._dispatch()
+        return None
+
+    def leave_queue(self, client: PooledClient) -> None:
+        """A waiting client gave up (disconnected); it is skipped when its turn comes."""
+        if client.state is ClientState.WAITING:
+            client.state = ClientState.IDLE
+            self.n_waiting -= 1
+
+    def release(self, server: PooledServer) -> None:
+        """A clean server comes back: straight to the longest waiter, else idle."""
+        if server.state is ServerState.CLOSED:
+            return
+        now = time.monotonic()
+        lifetime = self.config.server_lifetime
+        if lifetime and now - server.created_at > lifetime and not self.n_waiting:
+            server.close(f"server_lifetime of {lifetime:g} s reached")
+            return
+        waiter = self._next_waiter()
+        if waiter is not None:
+            server.state = ServerState.ACTIVE
+            waiter.state = ClientState.ACTIVE
+            waiter.assign_server(server)
+            return
+        server.state = ServerState.IDLE
+        server.idle_since = now
+        self.idle.append(server)
+
+    def _next_waiter(self) -> PooledClient | None:
+        waiters = self.waiters
+        while waiters:
+            client = waiters.popleft()
+            if client.state is ClientState.WAITING:
+                self.n_waiting -= 1
+                return client
+        return None
+
+    def server_connecting(self) -> None:
+        self.connecting += 1
+
+    def server_connected(self, server: PooledServer) -> None:
+        self.connecting -= 1
+        server.state = ServerState.LOGIN
+        self.servers.add(server)
+
+    def server_logged_in(self, server: PooledServer) -> None:
+        self.last_error = None
+        self.release(server)
+
+    def server_closed(self, server: PooledServer) -> None:
+        """A server connection ended, for whatever reason; forget it."""
+        if server.state is ServerState.IDLE:
+            with contextlib.suppress(ValueError):
+                self.idle.remove(server)
+        server.state = ServerState.CLOSED
+        self.servers.discard(server)
+        self._dispatch()
+
+    def connect_failed(self, error: ProxyError) -> None:
+        """A TCP connect for this pool failed (it was counted in ``connecting``)."""
+        self.connecting -= 1
+        self._record_failure(error)
+
+    def login_failed(self, server: PooledServer, error: ProxyError) -> None:
+        """A server connected but could not log in; it is gone."""
+        if server.state is ServerState.CLOSED:
+            return
+        server.state = ServerState.CLOSED
+        self.servers.discard(server)
+        self._record_failure(error)
+
+    def _record_failure(self, error: ProxyError) -> None:
+        """When no server is left to serve the queue, waiting clients get the error now
+        rather than a timeout later. No new attempt starts here: the next client, a
+        closing server or the janitor starts one, so a dead server is not hammered."""
+        self.last_error = error
+        self.last_error_at = time.monotonic()
+        if not self.servers and not self.connecting:
+            while (client := self._next_waiter()) is not None:
+                client.state = ClientState.IDLE
+                client.fail_wait(error)
+
+    def _dispatch(self) -> None:
+        """Open server connections while clients wait and the pool has room."""
+        while (
+            self.n_waiting > self.connecting
+            and len(self.servers) + self.connecting < self.size
+            and not self._retry_blocked()
+        ):
+            self.connecting += 1
+            self._open_server(self)
+
+    def _retry_blocked(self) -> bool:
+        """After a failed login, wait server_login_retry before hammering the server."""
+        error = self.last_error
+        if error is None or isinstance(error, ServerUnreachable):
+            return False
+        return time.monotonic() - self.last_error_at < self.config.server_login_retry
+
+    def login_retry_error(self) -> ProxyError | None:
+        """The cached login error, while no new attempt is allowed and no server is up."""
+        if self.servers or self.connecting or not self._retry_blocked():
+            return None
+        return self.last_error
+
+    # -- timeouts (called by the janitor) -----------------------------------------------
+
+    def expire_waiters(self, now: float) -> None:
+        timeout = self.config.query_wait_timeout
+        if not timeout:
+            return
+        waiters = self.waiters
+        while waiters:
+            client = waiters[0]
+            if client.state is not ClientState.WAITING:
+                waiters.popleft()
+                continue
+            waited = now - client.wait_started
+            if waited < timeout:
+                return
+            waiters.popleft()
+            self.n_waiting -= 1
+            client.state = ClientState.IDLE
+            busy = len(self.servers)
+            client.fail_wait(
+                QueryWaitTimeout(
+                    f'pool "{self.name}" exhausted: {busy} of {self.size} server connections '
+                    f"busy, waited {waited:.1f} s (query_wait_timeout)",
+                    hint="raise pool_size or query_wait_timeout, or shorten the "
+                    "transactions that hold server connections",
+                )
+            )
+
+    def close_idle_servers(self, now: float) -> None:
+        idle_timeout = self.config.server_idle_timeout
+        lifetime = self.config.server_lifetime
+        keep = self.settings.min_pool_size
+        for server in list(self.idle):
+            if len(self.servers) <= keep:
+                return
+            if idle_timeout and now - server.idle_since > idle_timeout:
+                server.close(f"server_idle_timeout of {idle_timeout:g} s reached")
+            elif lifetime and now - server.created_at > lifetime:
+                server.close(f"server_lifetime of {lifetime:g} s reached")
+
+    def retry_dispatch(self) -> None:
+        """Try again to open servers for clients still queued (after failures)."""
+        self._dispatch()
+
+    def fill_min_pool(self) -> None:
+        missing = self.settings.min_pool_size - len(self.servers) - self.connecting
+        while missing > 0 and not self._retry_blocked():
+            missing -= 1
+            self.connecting += 1
+            self._open_server(self)
+
+
+def link(client: Any, server: Any) -> None:
+    """Pair a client with a server for a transaction (or a session)."""
+    client.server = server
+    server.client = client
+    client.state = ClientState.ACTIVE
+    server.state = ServerState.ACTIVE
+
+
+def unlink(client: Any, server: Any) -> None:
+    """Undo ``link``; the server is then settled and released by its owner."""
+    client.server = None
+    server.client = None
+    server.relaying = False
+    if client.state is ClientState.ACTIVE:
+        client.state = ClientState.IDLE
+
+
+class Registry:
+    """Everything the running proxy shares: pools, live clients and cancel keys.
+
+    Owned by the App; connections reach shared state only through it. Nothing here is
+    module-global, so tests and reloads get a fresh one.
+    """
+
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop) -> None:
+        self.config = config
+        self.loop = loop
+        self.pools: dict[tuple[str, str], Pool] = {}
+        self.clients: set[Any] = set()
+        self.cancel_keys: dict[int, Any] = {}
+        self.shutting_down = False
+        self._next_client_id = 0
+        self._next_server_id = 0
+        self.open_server: Callable[[Pool], None] = _no_server_opener
+        self.auth_cache: dict[str, Any] = {}
+        self.salted_password_cache: dict[tuple[bytes, bytes, int], bytes] = {}
+        self.mock_key = secrets.token_bytes(32)
+
+    def new_client_id(self) -> int:
+        self._next_client_id += 1
+        return self._next_client_id
+
+    def new_server_id(self) -> int:
+        self._next_server_id += 1
+        return self._next_server_id
+
+    def pool_for(self, database: DatabaseConfig, user: str) -> Pool:
+        key = (database.name, user)
+        pool = self.pools.get(key)
+        if pool is None:
+            config = self.config
+            user_config = config.users.get(user)
+            if database.user is not None:
+                server_user, server_password = database.user, database.password
+            else:
+                server_user = user
+                server_password = user_config.password if user_config else None
+            settings = PoolSettings(
+                database=database,
+                user=user,
+                server_user=server_user,
+                server_password=server_password,
+                pool_mode=config.pool_mode_for(database, user),
+                pool_size=config.pool_size_for(database),
+                min_pool_size=config.min_pool_size_for(database),
+            )
+            pool = self.pools[key] = Pool(settings, config, self.open_server)
+        return pool
+
+    def register_cancel_key(self, client: Any) -> tuple[int, int]:
+        """A fresh (pid, key) for a client; pids are unique among live clients."""
+        keys = self.cancel_keys
+        while True:
+            pid = secrets.randbits(31) or 1
+            if pid not in keys:
+                break
+        keys[pid] = client
+        return pid, secrets.randbits(32)
+
+    def iter_pools(self) -> Iterator[Pool]:
+        return iter(list(self.pools.values()))
+
+
+def _no_server_opener(pool: Pool) -> None:
+    raise RuntimeError("Registry.open_server was not set by the App")

@@ -1,0 +1,269 @@
+"""Header-only scanning of the relayed byte streams, one class per direction.
+
+The relay hands every received chunk to ``feed``. The scanner walks the message
+headers (type byte + Int32 length), keeps the little state pooling decisions need,
+and says how many bytes may be forwarded unchanged. Bodies are never copied, except
+for the few backend message types the pooler must read whole: those are held back
+until complete and reported as events. Every length is checked before it is trusted.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from collections.abc import Sequence
+
+from . import codes
+from .errors import ProtocolError
+
+_unpack_length = struct.Struct("!I").unpack_from
+
+Event = tuple[int, int, int]
+"""``(message type, start, end)`` of a whole message inside the returned buffer."""
+
+NO_EVENTS: Sequence[Event] = ()
+
+# What a frontend message means for request tracking (index: type byte).
+K_INVALID = 0
+K_REQUEST = 1  # Query, FunctionCall: answered by exactly one ReadyForQuery
+K_SYNC = 2  # ends an extended-query batch; answered by one ReadyForQuery
+K_EXTENDED = 3  # Parse, Bind, Describe, Execute, Close, Flush: batch is open until Sync
+K_COPY_DATA = 4
+K_COPY_END = 5  # CopyDone, CopyFail
+K_TERMINATE = 6
+
+
+def _kind_table() -> bytes:
+    table = bytearray(256)
+    for typ in (codes.F_QUERY, codes.F_FUNCTION_CALL):
+        table[typ] = K_REQUEST
+    table[codes.F_SYNC] = K_SYNC
+    for typ in (
+        codes.F_PARSE,
+        codes.F_BIND,
+        codes.F_DESCRIBE,
+        codes.F_EXECUTE,
+        codes.F_CLOSE,
+        codes.F_FLUSH,
+    ):
+        table[typ] = K_EXTENDED
+    table[codes.F_COPY_DATA] = K_COPY_DATA
+    table[codes.F_COPY_DONE] = K_COPY_END
+    table[codes.F_COPY_FAIL] = K_COPY_END
+    table[codes.F_TERMINATE] = K_TERMINATE
+    return bytes(table)
+
+
+_FRONTEND_KIND = _kind_table()
+
+# Entries of FrontendStream.requests.
+REQ_QUERY = 1  # a Query or FunctionCall sent to the server
+REQ_SYNC = 2  # a Sync sent to the server
+MARK_COPY_END = 3  # a CopyDone/CopyFail whose copy-in has not been seen starting yet
+
+
+def interesting_table(types: bytes) -> bytes:
+    """A 256-entry lookup table marking the backend message types to report whole."""
+    table = bytearray(256)
+    for typ in types:
+        table[typ] = 1
+    return bytes(table)
+
+
+# The backend messages the relay acts on: ReadyForQuery (release decisions),
+# ParameterStatus (parameter tracking), ErrorResponse (fatal errors, logging) and
+# CopyInResponse (Syncs sent during copy-in are ignored by the server).
+RELAY_INTERESTING = interesting_table(b"ZSEG")
+
+
+class FrontendStream:
+    """Client -> server: frames, validates and counts what awaits a ReadyForQuery.
+
+    ``requests`` holds, in order, each Query/FunctionCall/Sync forwarded whose
+    ReadyForQuery has not come back. The server can be given back to the pool only
+    when it is empty, no extended-query batch is open (messages after the last Sync)
+    and the client is not in the middle of a COPY FROM STDIN.
+    """
+
+    __slots__ = (
+        "_hold",
+        "_max_length",
+        "_skip",
+        "copy_in",
+        "copy_in_extended",
+        "extended_open",
+        "requests",
+    )
+
+    def __init__(self, max_length: int) -> None:
+        self._skip = 0
+        self._hold = b""
+        self._max_length = max_length
+        self.requests: deque[int] = deque()
+        self.extended_open = False
+        self.copy_in = False
+        self.copy_in_extended = False
+
+    @property
+    def idle(self) -> bool:
+        """Nothing sent is still awaiting its reply, and no batch or copy is open."""
+        return not self.requests and not self.extended_open and not self.copy_in
+
+    @property
+    def mid_message(self) -> bool:
+        """Part of a message has been forwarded and the rest has not arrived."""
+        return self._skip > 0 or bool(self._hold)
+
+    def feed(self, data: bytes) -> tuple[bytes, int, bool]:
+        """Scan a chunk. Returns ``(buf, end, terminated)``: forward ``buf[:end]``.
+
+        ``terminated`` means a Terminate message starts at ``end``; it and anything
+        after it must not reach a pooled server.
+        """
+        pos = self._skip
+        n = len(data)
+        if pos:
+            if pos >= n:
+                self._skip = pos - n
+                return data, n, False
+            self._skip = 0
+        elif self._hold:
+            data = self._hold + data
+            self._hold = b""
+            n = len(data)
+        kinds = _FRONTEND_KIND
+        requests = self.requests
+        max_length = self._max_length
+        while True:
+            if n - pos < 5:
+                if pos < n:
+                    self._hold = data[pos:]
+                return data, pos, False
+            typ = data[pos]
+            (length,) = _unpack_length(data, pos + 1)
+            if length < 4 or length > max_length:
+                raise ProtocolError(
+                    f"invalid length {length} in client message of type {chr(typ)!r} "
+                    f"(must be 4 to {max_length}, max_packet_size)"
+                )
+            kind = kinds[typ]
+            if kind == K_REQUEST:
+                requests.append(REQ_QUERY)
+            elif kind == K_SYNC:
+                self.extended_open = False
+                # The server ignores Sync during copy-in (protocol docs, "COPY Operations").
+                if not self.copy_in:
+                    requests.append(REQ_SYNC)
+            elif kind == K_EXTENDED:
+                self.extended_open = True
+            elif kind == K_COPY_END:
+                if self.copy_in:
+                    self.copy_in = False
+                else:
+                    requests.append(MARK_COPY_END)
+            elif kind == K_TERMINATE:
+                return data, pos, True
+            elif kind == K_INVALID:
+                raise ProtocolError(f"invalid frontend message type {chr(typ)!r}")
+            end = pos + 1 + length
+            if end > n:
+                self._skip = end - n
+                return data, n, False
+            pos = end
+
+    def on_ready_for_query(self) -> None:
+        """The server answered the oldest request."""
+        requests = self.requests
+        while requests:
+            if requests.popleft() != MARK_COPY_END:
+                return
+
+    def on_copy_in_response(self) -> None:
+        """The server entered copy-in; Syncs sent inside the copy will be ignored.
+
+        The copy window runs from the command that started the copy to the client's
+        CopyDone/CopyFail. A simple Query stays the request answered at the end; in
+        the extended protocol every Sync up to CopyDone is dropped and the Sync after
+        it is the one answered.
+        """
+        requests = self.requests
+        head = requests.popleft() if requests and requests[0] == REQ_QUERY else None
+        self.copy_in_extended = head is None
+        ended = False
+        while requests:
+            entry = requests[0]
+            if entry == MARK_COPY_END:
+                requests.popleft()
+                ended = True
+                break
+            if entry != REQ_SYNC:
+                break  # a client pipelining commands into a copy; the server errors it out
+            requests.popleft()
+        if head is not None:
+            requests.appendleft(head)
+        self.copy_in = not ended
+
+
+class BackendStream:
+    """Server -> client: frames the stream and reports the messages pooling acts on.
+
+    Messages whose type is marked in ``interesting`` are reported whole as events;
+    their bytes are held back until complete. Everything else is only skipped over.
+    """
+
+    __slots__ = ("_hold", "_interesting", "_max_length", "_skip")
+
+    def __init__(self, max_length: int, interesting: bytes = RELAY_INTERESTING) -> None:
+        self._skip = 0
+        self._hold = b""
+        self._max_length = max_length
+        self._interesting = interesting
+
+    @property
+    def mid_message(self) -> bool:
+        return self._skip > 0 or bool(self._hold)
+
+    def feed(self, data: bytes) -> tuple[bytes, int, Sequence[Event]]:
+        """Scan a chunk. Returns ``(buf, end, events)``: ``buf[:end]`` may be forwarded.
+
+        Events are whole interesting messages inside ``buf[:end]``, in stream order.
+        Bytes past ``end`` (a partial header or interesting message) stay held here.
+        """
+        pos = self._skip
+        n = len(data)
+        if pos:
+            if pos >= n:
+                self._skip = pos - n
+                return data, n, NO_EVENTS
+            self._skip = 0
+        elif self._hold:
+            data = self._hold + data
+            self._hold = b""
+            n = len(data)
+        interesting = self._interesting
+        max_length = self._max_length
+        events: list[Event] | None = None
+        while True:
+            if n - pos < 5:
+                if pos < n:
+                    self._hold = data[pos:]
+                return data, pos, events or NO_EVENTS
+            typ = data[pos]
+            (length,) = _unpack_length(data, pos + 1)
+            if length < 4 or length > max_length:
+                raise ProtocolError(
+                    f"invalid length {length} in server message of type {chr(typ)!r}"
+                )
+            end = pos + 1 + length
+            if interesting[typ]:
+                if end > n:
+                    self._hold = data[pos:]
+                    return data, pos, events or NO_EVENTS
+                if events is None:
+                    events = [(typ, pos, end)]
+                else:
+                    events.append((typ, pos, end))
+            elif end > n:
+                self._skip = end - n
+                return data, n, events or NO_EVENTS
+            pos = end

@@ -1,0 +1,681 @@
+"""Server connections: connect and log in to PostgreSQL, relay its replies, come back clean.
+
+After login every received chunk goes through one BackendStream scanner. While linked
+to a client (``relaying``) the bytes are forwarded unchanged and only ReadyForQuery,
+ParameterStatus, ErrorResponse and CopyInResponse are looked at; while pgmux runs its
+own commands (settings, ROLLBACK, reset, draining a departed client) replies are
+swallowed and ReadyForQuery drives the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, cast
+
+from .auth import AuthError, ScramClientSession, md5_response
+from .errors import ProxyError, ServerConnectionLost, ServerLoginFailed, ServerUnreachable
+from .pool import NO_SETTINGS, Pool, Registry, ServerState, Settings
+from .protocol import codes, messages
+from .protocol.errors import ProtocolError
+from .protocol.reader import MessageReader
+from .protocol.stream import REQ_SYNC, BackendStream, Event, FrontendStream
+
+if TYPE_CHECKING:
+    from .client import ClientConnection
+
+log = logging.getLogger("pgmux.server")
+
+# Past this many bytes queued towards a peer, stop reading from the other side.
+WRITE_HIGH_WATER = 256 * 1024
+WRITE_LOW_WATER = 64 * 1024
+
+# Reasons a server's reading is paused (bit mask).
+PAUSE_CLIENT_FULL = 1
+
+ErrorFields = dict[str, str]
+QueryDone = Callable[[int, ErrorFields | None], None]
+
+
+def tune_socket(transport: asyncio.BaseTransport, keepalive: bool) -> None:
+    """TCP_NODELAY (every message is latency) and keepalive, on TCP sockets only."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if keepalive:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
+def open_server(registry: Registry, pool: Pool) -> None:
+    """Start connecting a new server for ``pool`` (the pool counted it as connecting)."""
+    server = ServerConnection(registry, pool)
+    registry.loop.create_task(server.connect())
+
+
+class ServerConnection(asyncio.Protocol):
+    __slots__ = (
+        "backend_key",
+        "backend_pid",
+        "cancel_pending",
+        "client",
+        "created_at",
+        "drain_fe",
+        "error_fields",
+        "fatal",
+        "id",
+        "idle_since",
+        "on_ready",
+        "params",
+        "paused",
+        "pool",
+        "reader",
+        "registry",
+        "relaying",
+        "reset_pending",
+        "scram",
+        "settings",
+        "settle_after_cancel",
+        "state",
+        "stream",
+        "timer",
+        "transport",
+        "tx_status",
+        "write_paused",
+    )
+
+    def __init__(self, registry: Registry, pool: Pool) -> None:
+        now = time.monotonic()
+        self.registry = registry
+        self.pool = pool
+        self.id = registry.new_server_id()
+        self.state = ServerState.CONNECTING
+        self.transport: asyncio.Transport | None = None
+        self.client: ClientConnection | None = None
+        self.relaying = False
+        self.settings: Settings = NO_SETTINGS
+        self.params: dict[str, str] = {}
+        self.backend_pid = 0
+        self.backend_key = 0
+        self.tx_status = codes.TX_IDLE
+        self.created_at = now
+        self.idle_since = now
+        self.reader: MessageReader | None = MessageReader(registry.config.max_packet_size)
+        self.stream = BackendStream(registry.config.max_packet_size)
+        self.scram: ScramClientSession | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.cancel_pending = 0
+        self.settle_after_cancel = False
+        self.reset_pending = False
+        self.on_ready: Callable[[int], None] | None = None
+        self.error_fields: ErrorFields | None = None
+        self.drain_fe: FrontendStream | None = None
+        self.fatal = False
+        self.paused = 0
+        self.write_paused = False
+
+    def __repr__(self) -> str:
+        db = self.pool.settings.database
+        return f"S-{self.id} {self.pool.name} {db.host}:{db.port} pid={self.backend_pid}"
+
+    # -- connect and login ------------------------------------------------------------
+
+    async def connect(self) -> None:
+        pool = self.pool
+        db = pool.settings.database
+        timeout = self.registry.config.server_connect_timeout or None
+        loop = self.registry.loop
+        try:
+            async with asyncio.timeout(timeout):
+                if db.host.startswith("/"):
+                    path = f"{db.host}/.s.PGSQL.{db.port}"
+                    await loop.create_unix_connection(lambda: self, path)
+                else:
+                    await loop.create_connection(lambda: self, db.host, db.port)
+        except (OSError, TimeoutError) as exc:
+            if self.state is not ServerState.CONNECTING:
+                return  # connected, then failed: reported by connection_lost
+            self.state = ServerState.CLOSED
+            if isinstance(exc, TimeoutError):
+                reason = f"no answer within {timeout:g} s (server_connect_timeout)"
+            else:
+                reason = exc.strerror or str(exc)
+            error = ServerUnreachable(
+                f'cannot connect to server {db.host}:{db.port} for pool "{pool.name}": {reason}',
+                hint=f"check that PostgreSQL is running there and [databases.{db.name}] "
+                "host and port",
+            )
+            log.warning("%s: %s", self, error.message)
+            pool.connect_failed(error)
+
+    def _login_timed_out(self, timeout: float) -> None:
+        self.timer = None
+        db = self.pool.settings.database
+        self._login_failed(
+            ServerUnreachable(
+                f"server {db.host}:{db.port} did not complete the login for pool "
+                f'"{self.pool.name}" within {timeout:g} s (server_connect_timeout)'
+            )
+        )
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        if self.state is not ServerState.CONNECTING:
+            transport.abort()  # the connect timed out while the kernel finished it
+            return
+        self.transport = transport
+        tune_socket(transport, self.registry.config.tcp_keepalive)
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        self.pool.server_connected(self)
+        timeout = self.registry.config.server_connect_timeout
+        if timeout:
+            self.timer = self.registry.loop.call_later(timeout, self._login_timed_out, timeout)
+        settings = self.pool.settings
+        transport.write(
+            messages.startup_message(
+                {"user": settings.server_user, "database": settings.database.dbname}
+            )
+        )
+
+    def _login_received(self, data: bytes) -> None:
+        reader = self.reader
+        assert reader is not None
+        reader.feed(data)
+        while self.state is ServerState.LOGIN:
+            msg = reader.next_message()
+            if msg is None:
+                return
+            typ, body = msg
+            if typ == codes.B_AUTHENTICATION:
+                self._answer_auth(body)
+            elif typ == codes.B_PARAMETER_STATUS:
+                name, value = messages.parse_parameter_status(body)
+                self.params[name] = value
+            elif typ == codes.B_BACKEND_KEY_DATA:
+                self.backend_pid, self.backend_key = messages.parse_backend_key_data(body)
+            elif typ == codes.B_ERROR_RESPONSE:
+                fields = messages.parse_fields(body)
+                self._login_failed(
+                    ServerLoginFailed(
+                        f'server login failed for pool "{self.pool.name}": '
+                        f"{fields.get('M', 'unknown error')}",
+                        detail=fields.get("D"),
+                        hint=_login_hint(self.pool, fields),
+                        sqlstate=fields.get("C", "08001"),
+                    )
+                )
+            elif typ == codes.B_READY_FOR_QUERY:
+                self._logged_in(reader.take_rest())
+            elif typ not in (codes.B_NOTICE_RESPONSE, codes.B_NEGOTIATE_PROTOCOL_VERSION):
+                raise ProtocolError(f"unexpected message {chr(typ)!r} from server during login")
+
+    def _answer_auth(self, body: bytes) -> None:
+        assert self.transport is not None
+        code, payload = messages.parse_authentication(body)
+        if code == codes.AUTH_OK:
+            return
+        settings = self.pool.settings
+        password = settings.server_password
+        if code == codes.AUTH_SASL_CONTINUE and self.scram is not None:
+            self.transport.write(messages.sasl_response(self.scram.handle_server_first(payload)))
+            return
+        if code == codes.AUTH_SASL_FINAL and self.scram is not None:
+            self.scram.verify_server_final(payload)
+            self.scram = None
+            return
+        if code not in (codes.AUTH_CLEARTEXT, codes.AUTH_MD5, codes.AUTH_SASL):
+            raise ServerLoginFailed(
+                f'server asks for authentication method {code} for pool "{self.pool.name}", '
+                "which pgmux does not support (use scram-sha-256, md5 or password in "
+                "pg_hba.conf for pgmux's address)"
+            )
+        if password is None:
+            where = (
+                f"[databases.{settings.database.name}].password"
+                if settings.database.user is not None
+                else f"[users.{settings.user}].password"
+            )
+            raise ServerLoginFailed(
+                f'server requires a password for user "{settings.server_user}" but pgmux '
+                f"has none: set {where}",
+                sqlstate="28P01",
+            )
+        if code == codes.AUTH_CLEARTEXT:
+            self.transport.write(messages.password_message(password.encode()))
+        elif code == codes.AUTH_MD5:
+            if len(payload) != 4:
+                raise ProtocolError("md5 authentication request without a 4-byte salt")
+            response = md5_response(settings.server_user, password, payload)
+            self.transport.write(messages.password_message(response))
+        else:
+            mechanisms = messages.parse_sasl_mechanisms(payload)
+            if "SCRAM-SHA-256" not in mechanisms:
+                raise ServerLoginFailed(
+                    f"server offers SASL mechanisms {mechanisms}, pgmux speaks SCRAM-SHA-256"
+                )
+            cache = self.registry.salted_password_cache
+            if len(cache) > 256:
+                cache.clear()
+            self.scram = ScramClientSession(password, salted_password_cache=cache)
+            self.transport.write(
+                messages.sasl_initial_response("SCRAM-SHA-256", self.scram.client_first())
+            )
+
+    def _logged_in(self, rest: bytes) -> None:
+        self._cancel_timer()
+        self.reader = None
+        self.pool.learn_params(self.params)
+        log.debug("%s: logged in", self)
+        self.pool.server_logged_in(self)
+        if rest and self.state is not ServerState.CLOSED:
+            self.data_received(rest)
+
+    def _login_failed(self, error: ProxyError) -> None:
+        if self.state is ServerState.CLOSED:
+            return
+        log.warning("%s: %s", self, error.message)
+        self._cancel_timer()
+        self.pool.login_failed(self, error)
+        self._close_transport()
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    # -- receiving --------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.relaying:
+            client = self.client
+            assert client is not None
+            try:
+                buf, end, events = self.stream.feed(data)
+            except ProtocolError as exc:
+                self.close(f"protocol error from server: {exc}")
+                return
+            if events:
+                self._relay_events(client, buf, end, events)
+            elif end:
+                client.transport.write(buf if end == len(buf) else memoryview(buf)[:end])
+            return
+        try:
+            if self.state is ServerState.LOGIN:
+                self._login_received(data)
+                return
+            buf, end, events = self.stream.feed(data)
+            for typ, start, stop in events:
+                self._internal_event(typ, buf, start, stop)
+        except (ProtocolError, AuthError) as exc:
+            if self.state is ServerState.LOGIN:
+                self._login_failed(ServerLoginFailed(f"server login failed: {exc}"))
+            else:
+                self.close(f"protocol error from server: {exc}")
+        except ServerLoginFailed as exc:
+            self._login_failed(exc)
+
+    def _relay_events(
+        self, client: ClientConnection, buf: bytes, end: int, events: Sequence[Event]
+    ) -> None:
+        fe = client.fe
+        write = client.transport.write
+        done = False
+        for typ, start, stop in events:
+            if typ == codes.B_READY_FOR_QUERY:
+                status = buf[start + 5]
+                fe.on_ready_for_query()
+                self.tx_status = status
+                if status == codes.TX_IDLE:
+                    done = True
+                elif self.pool.mode == "statement":
+                    write(memoryview(buf)[:start])
+                    self._refuse_transaction(client, fe)
+                    return
+                else:
+                    done = False
+            elif typ == codes.B_PARAMETER_STATUS:
+                name, value = messages.parse_parameter_status(buf[start + 5 : stop])
+                self.params[name] = value
+                client.setting_reported(name, value)
+                self.settings = client.settings
+            elif typ == codes.B_ERROR_RESPONSE:
+                self._note_error(buf[start + 5 : stop])
+            elif typ == codes.B_COPY_IN_RESPONSE:
+                fe.on_copy_in_response()
+        write(buf if end == len(buf) else memoryview(buf)[:end])
+        if done and fe.idle and self.pool.mode != "session" and self.client is client:
+            client.detach()
+            self.settle(None)
+
+    def _note_error(self, body: bytes) -> None:
+        fields = messages.parse_fields(body)
+        if fields.get("V", fields.get("S")) in ("FATAL", "PANIC"):
+            # The server is about to close this connection; never hand it out again.
+            self.fatal = True
+            log.info("%s: server reports %s", self, messages.error_summary(fields))
+        if self.error_fields is None:
+            self.error_fields = fields
+
+    def _internal_event(self, typ: int, buf: bytes, start: int, stop: int) -> None:
+        """An interesting message while pgmux, not a client, is in charge of the server."""
+        if typ == codes.B_READY_FOR_QUERY:
+            status = buf[start + 5]
+            self.tx_status = status
+            callback = self.on_ready
+            if callback is None:
+                log.warning("%s: unexpected ReadyForQuery while idle; closing", self)
+                self.close("out of step with pgmux")
+            else:
+                callback(status)
+        elif typ == codes.B_ERROR_RESPONSE:
+            self._note_error(buf[start + 5 : stop])
+            if self.on_ready is None and self.state is ServerState.IDLE:
+                summary = messages.error_summary(self.error_fields or {})
+                log.info("%s: error while idle: %s", self, summary)
+                self.error_fields = None
+        elif typ == codes.B_PARAMETER_STATUS:
+            name, value = messages.parse_parameter_status(buf[start + 5 : stop])
+            self.params[name] = value
+        elif typ == codes.B_COPY_IN_RESPONSE and self.drain_fe is not None:
+            self._fail_copy(self.drain_fe)
+
+    # -- pgmux's own commands -----------------------------------------------------------
+
+    def run_query(self, sql: str, done: QueryDone) -> None:
+        """Send one simple Query of pgmux's own; replies are swallowed.
+
+        ``done(status, error)`` runs at its ReadyForQuery with the transaction status
+        and the first ErrorResponse's fields, if any.
+        """
+        assert self.transport is not None
+        self.relaying = False
+        self.error_fields = None
+
+        def on_ready(status: int) -> None:
+            self.on_ready = None
+            error, self.error_fields = self.error_fields, None
+            done(status, error)
+
+        self.on_ready = on_ready
+        self.transport.write(messages.query(sql))
+
+    def apply_settings(self, wanted: Settings, done: Callable[[ErrorFields | None], None]) -> None:
+        """Make this server's session settings equal ``wanted``, then call ``done``."""
+        current = dict(self.settings)
+        changes = [(name, value) for name, value in wanted if current.get(name) != value]
+        wanted_names = {name for name, _ in wanted}
+        resets = [name for name in current if name not in wanted_names]
+        if not changes and not resets:
+            self.settings = wanted
+            done(None)
+            return
+        statements = [f"RESET {_quote_name(name)}" for name in resets]
+        if changes:
+            calls = ", ".join(
+                f"pg_catalog.set_config({_quote_literal(n)}, {_quote_literal(v)}, false)"
+                for n, v in changes
+            )
+            statements.append(f"SELECT {calls}")
+
+        def applied(status: int, error: ErrorFields | None) -> None:
+            if error is None:
+                self.settings = wanted
+                pool = self.pool
+                for name, value in changes:
+                    spelled = pool.param_names.get(name, name)
+                    pool.verified[(name, value)] = self.params.get(spelled)
+            done(error)
+
+        self.run_query(";".join(statements), applied)
+
+    def _refuse_transaction(self, client: ClientConnection, fe: FrontendStream) -> None:
+        """Statement mode: a statement left a transaction open. Roll it back, say why."""
+        if not fe.idle:
+            client.fail(
+                ProxyError(
+                    "transaction blocks are not allowed in pool_mode statement",
+                    sqlstate="0A000",
+                    hint="use pool_mode = transaction for this database or user",
+                )
+            )
+            self.close("transaction opened in statement mode with requests in flight")
+            return
+
+        def rolled_back(status: int, error: ErrorFields | None) -> None:
+            if self.client is client:
+                client.detach()
+                client.send_error(
+                    ProxyError(
+                        "transaction blocks are not allowed in pool_mode statement; "
+                        "the transaction was rolled back",
+                        sqlstate="0A000",
+                        hint="use pool_mode = transaction for this database or user, "
+                        "or run the statements without BEGIN",
+                    ),
+                    fatal=False,
+                )
+            self.settle(None)
+
+        self.run_query("ROLLBACK", rolled_back)
+
+    # -- coming back clean ----------------------------------------------------------------
+
+    def settle(self, fe: FrontendStream | None, *, reset: bool = False) -> None:
+        """Bring an unlinked server back to a clean idle state, then give it back.
+
+        ``fe`` is the stream of a client that left with requests in flight: their
+        replies are drained first. Then a pending cancel is waited for, an open
+        transaction rolled back, and (session mode) server_reset_query run.
+        """
+        self.relaying = False
+        if reset:
+            self.reset_pending = True
+        if self.state is ServerState.CLOSED:
+            return
+        if self.fatal:
+            self.close("server reported a fatal error")
+            return
+        if fe is not None and not fe.idle:
+            self._drain(fe)
+            return
+        if self.cancel_pending:
+            self.settle_after_cancel = True
+            return
+        if self.tx_status != codes.TX_IDLE:
+            self.run_query("ROLLBACK", self._after_cleanup_query)
+            return
+        if self.reset_pending:
+            self.reset_pending = False
+            reset_query = self.registry.config.server_reset_query
+            if reset_query:
+                self.settings = NO_SETTINGS if "ALL" in reset_query.upper() else self.settings
+                self.run_query(reset_query, self._after_cleanup_query)
+                return
+        self.pool.release(self)
+
+    def _after_cleanup_query(self, status: int, error: ErrorFields | None) -> None:
+        if error is not None or status != codes.TX_IDLE:
+            summary = messages.error_summary(error) if error else f"status {chr(status)}"
+            self.close(f"cleanup query failed: {summary}")
+            return
+        self.settle(None)
+
+    def _drain(self, fe: FrontendStream) -> None:
+        """The client left mid-request: finish what it started, swallowing replies."""
+        assert self.transport is not None
+        in_flight = bool(fe.requests) or fe.extended_open
+        if fe.copy_in:
+            self._fail_copy(fe)
+        elif fe.extended_open:
+            # Close the client's half-sent batch so the server answers with ReadyForQuery.
+            self.transport.write(messages.SYNC)
+            fe.requests.append(REQ_SYNC)
+            fe.extended_open = False
+        if in_flight:
+            self.forward_cancel()
+        self.drain_fe = fe
+        self.on_ready = self._drain_ready
+        timeout = self.registry.config.cancel_wait_timeout or 10.0
+        self.timer = self.registry.loop.call_later(timeout, self._drain_timed_out, timeout)
+
+    def _fail_copy(self, fe: FrontendStream) -> None:
+        assert self.transport is not None
+        if not fe.copy_in:
+            fe.on_copy_in_response()
+        self.transport.write(messages.copy_fail("client disconnected during COPY"))
+        if fe.copy_in_extended:
+            self.transport.write(messages.SYNC)
+            fe.requests.append(REQ_SYNC)
+        fe.copy_in = False
+
+    def _drain_ready(self, status: int) -> None:
+        fe = self.drain_fe
+        assert fe is not None
+        fe.on_ready_for_query()
+        if fe.idle:
+            self.drain_fe = None
+            self.on_ready = None
+            self.error_fields = None
+            self._cancel_timer()
+            self.settle(None)
+
+    def _drain_timed_out(self, timeout: float) -> None:
+        self.timer = None
+        self.close(f"left behind by its client and still busy after {timeout:g} s")
+
+    def copy_ended(self) -> None:
+        """The client finished a COPY FROM STDIN the server had already failed."""
+        client = self.client
+        if (
+            client is not None
+            and self.relaying
+            and self.tx_status == codes.TX_IDLE
+            and self.pool.mode != "session"
+        ):
+            client.detach()
+            self.settle(None)
+
+    # -- cancel ---------------------------------------------------------------------------
+
+    def forward_cancel(self) -> None:
+        """Ask PostgreSQL to cancel whatever this server connection is running.
+
+        The server is not handed to anyone else until the cancel connection is done,
+        so a late cancel cannot hit the next client's query.
+        """
+        self.cancel_pending += 1
+        self.registry.loop.create_task(self._send_cancel())
+
+    async def _send_cancel(self) -> None:
+        db = self.pool.settings.database
+        timeout = self.registry.config.cancel_wait_timeout or 10.0
+        writer: asyncio.StreamWriter | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                if db.host.startswith("/"):
+                    path = f"{db.host}/.s.PGSQL.{db.port}"
+                    reader, writer = await asyncio.open_unix_connection(path)
+                else:
+                    reader, writer = await asyncio.open_connection(db.host, db.port)
+                writer.write(messages.cancel_request(self.backend_pid, self.backend_key))
+                await writer.drain()
+                await reader.read()  # PostgreSQL closes the connection once it is done
+        except (OSError, TimeoutError) as exc:
+            log.warning("%s: forwarding cancel request failed: %s", self, exc)
+        finally:
+            if writer is not None:
+                writer.close()
+            self.cancel_pending -= 1
+            if not self.cancel_pending and self.settle_after_cancel:
+                self.settle_after_cancel = False
+                self.settle(None)
+
+    # -- flow control -----------------------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        client = self.client
+        if client is not None:
+            client.pause_reading(2)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        client = self.client
+        if client is not None:
+            client.resume_reading(2)
+
+    def pause_reading(self, reason: int) -> None:
+        if not self.paused and self.transport is not None:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def resume_reading(self, reason: int) -> None:
+        if self.paused & reason:
+            self.paused &= ~reason
+            if not self.paused and self.transport is not None:
+                self.transport.resume_reading()
+
+    # -- closing ----------------------------------------------------------------------------
+
+    def close(self, reason: str) -> None:
+        """Close this server connection; idempotent. A linked client is told and closed."""
+        if self.state is ServerState.CLOSED:
+            return
+        log.debug("%s: closing: %s", self, reason)
+        self._cancel_timer()
+        self.relaying = False
+        self.on_ready = None
+        self.pool.server_closed(self)
+        client = self.client
+        if client is not None:
+            self.client = None
+            client.server_lost(
+                ServerConnectionLost(
+                    f'server connection for pool "{self.pool.name}" closed: {reason}'
+                ),
+                already_told=self.fatal,
+            )
+        self._close_transport()
+
+    def _close_transport(self) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            if self.reader is None:
+                transport.write(messages.TERMINATE)  # a polite goodbye once logged in
+            transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.state is not ServerState.CLOSED:
+            why = f"server closed the connection ({exc})" if exc else "server closed the connection"
+            if self.state is ServerState.LOGIN:
+                self._login_failed(
+                    ServerLoginFailed(f'server login failed for pool "{self.pool.name}": {why}')
+                )
+            else:
+                log.info("%s: %s", self, why)
+                self.close(why)
+
+
+def _login_hint(pool: Pool, fields: ErrorFields) -> str | None:
+    if fields.get("C") == "28P01":
+        settings = pool.settings
+        if settings.database.user is not None:
+            where = f"[databases.{settings.database.name}].password"
+        else:
+            where = f"[users.{settings.user}].password"
+        return f"pgmux logs in to PostgreSQL with {where}; it must match the role's password"
+    return fields.get("H")
+
+
+def _quote_literal(text: str) -> str:
+    # E'' strings read the same whatever standard_conforming_strings says.
+    if "\\" in text:
+        return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _quote_name(name: str) -> str:
+    return ".".join('"' + part.replace('"', '""') + '"' for part in name.split("."))
