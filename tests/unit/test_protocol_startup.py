@@ -43,9 +43,10 @@ class TestStartupPacket:
 
     def test_ssl_gss_cancel(self) -> None:
         assert parse_startup_packet(struct.pack("!II", 8, codes.SSL_REQUEST_CODE)) == SSLRequest()
-        assert parse_startup_packet(
-            struct.pack("!II", 8, codes.GSSENC_REQUEST_CODE)
-        ) == GSSENCRequest()
+        assert (
+            parse_startup_packet(struct.pack("!II", 8, codes.GSSENC_REQUEST_CODE))
+            == GSSENCRequest()
+        )
         assert parse_startup_packet(messages.cancel_request(7, 99)) == CancelRequest(7, 99)
 
     @pytest.mark.parametrize(
