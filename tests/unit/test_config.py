@@ -1,0 +1,87 @@
+"""Config loading: defaults, overrides, and errors that name the file, the key, the fix."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from proxy.config import Config, ConfigError, DatabaseConfig, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[2]
+MINIMAL = {"databases": {"app": {}}}
+
+
+def test_example_config_is_valid_and_documents_every_key() -> None:
+    example = ROOT / "config.example.toml"
+    config = load_config(example)
+    assert config.databases["app"].dbname == "app"
+    text = example.read_text()
+    for f in dataclasses.fields(Config):
+        if f.name in ("path", "databases", "users", "metrics"):
+            continue
+        assert re.search(rf"^{f.name} = ", text, re.M), f"{f.name} missing in the example"
+    for f in dataclasses.fields(DatabaseConfig):
+        if f.name != "name":
+            assert re.search(rf"^#? ?{f.name} = ", text, re.M), f"databases.*.{f.name} missing"
+
+
+def test_defaults_follow_pgbouncer() -> None:
+    config = parse_config(MINIMAL)
+    assert config.default_pool_size == 20
+    assert config.max_client_conn == 100
+    assert config.query_wait_timeout == 120
+    assert config.server_reset_query == "DISCARD ALL"
+    assert config.databases["app"].dbname == "app"
+    assert config.databases["app"].port == 5432
+
+
+def test_overrides_resolve_per_pool() -> None:
+    config = parse_config(
+        {
+            "pool_mode": "transaction",
+            "databases": {"a": {"pool_mode": "session", "pool_size": 3}, "b": {}},
+            "users": {"u": {"pool_mode": "statement"}},
+        }
+    )
+    a, b = config.databases["a"], config.databases["b"]
+    assert config.pool_mode_for(a, "x") == "session"
+    assert config.pool_mode_for(a, "u") == "statement"
+    assert config.pool_mode_for(b, "x") == "transaction"
+    assert config.pool_size_for(a) == 3
+    assert config.pool_size_for(b) == 20
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"default_pool_size": "x", **MINIMAL}, "default_pool_size: must be an integer"),
+        ({"default_pool_size": 0, **MINIMAL}, "default_pool_size: must be at least 1"),
+        ({"defualt_pool_size": 5, **MINIMAL}, "defualt_pool_size: unknown setting"),
+        ({"pool_mode": "txn", **MINIMAL}, "pool_mode: must be one of session, transaction"),
+        ({"query_wait_timeout": -1, **MINIMAL}, "query_wait_timeout: must be 0 (off)"),
+        ({"listen_port": 70000, **MINIMAL}, "listen_port: must be 1 to 65535"),
+        ({"admin_users": "admin", **MINIMAL}, "admin_users: must be a list of strings"),
+        ({"databases": {"app": {"prot": 1}}}, "databases.app.prot: unknown setting"),
+        ({"databases": {"app": {"password": "x"}}}, "databases.app.password: set only"),
+        ({"databases": {"app": 5}}, "databases.app: must be a table"),
+        ({"users": {"u": {"password": 5}}, **MINIMAL}, "users.u.password: must be a string"),
+        ({}, "databases: no [databases.NAME] section"),
+    ],
+)
+def test_errors_name_the_key(raw: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, "pgmux.toml")
+    assert str(info.value).startswith("pgmux.toml: ")
+    assert message in str(info.value)
+
+
+def test_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("listen_port = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
