@@ -165,10 +165,21 @@ class ClientConnection(asyncio.Protocol):
         return None  # close the transport; connection_lost cleans up
 
     def connection_lost(self, exc: Exception | None) -> None:
-        state = self.state
-        if state is ClientState.CLOSED:
-            return
-        if state is ClientState.WAITING:
+        if self.state is not ClientState.CLOSED:
+            self._release_everything(str(exc) if exc else "client disconnected")
+
+    def close(self, reason: str = "closed by pgmux") -> None:
+        """Close now: leave the queue, let go of the server, then close the socket.
+
+        Everything is let go before the socket closes, so no server ever writes to a
+        client that is on its way out.
+        """
+        if self.state is not ClientState.CLOSED:
+            self._release_everything(reason)
+        self.transport.close()
+
+    def _release_everything(self, reason: str) -> None:
+        if self.state is ClientState.WAITING:
             self.pool.leave_queue(self)
         self.state = ClientState.CLOSED
         self._cancel_timer()
@@ -182,12 +193,13 @@ class ClientConnection(asyncio.Protocol):
             self._restore_flow(server)
             if server.on_ready is None:
                 # Left while linked: settle() drains, rolls back or closes the server.
+                # (With pgmux's own query in flight, its callback settles the server.)
                 server.settle(self.fe, reset=self.pool.mode == "session")
         if self.phase == PHASE_DONE and registry.config.log_disconnections:
             log.info(
                 "%s: closing (%s), connected %.1f s",
                 self,
-                "client disconnected" if exc is None else exc,
+                reason,
                 time.monotonic() - self.connected_at,
             )
 
@@ -204,7 +216,7 @@ class ClientConnection(asyncio.Protocol):
         if end:
             server.transport.write(buf if end == len(buf) else memoryview(buf)[:end])  # type: ignore[union-attr]
         if terminated:
-            self.transport.close()
+            self.close("client sent Terminate")
         elif copy_in and not fe.copy_in and fe.idle:
             # COPY FROM STDIN ended after the server had already answered (it failed
             # the copy early); nothing else will arrive to end the transaction.
@@ -212,8 +224,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _start_request(self, data: bytes) -> None:
         """A logged-in client without a server sent something: get it a server."""
-        if data[0] == codes.F_TERMINATE and len(data) == 5:
-            self.transport.close()
+        if data[0] == codes.F_TERMINATE and len(data) == 5 and not self.fe.mid_message:
+            self.close("client sent Terminate")
             return
         if self.registry.shutting_down:
             self.fail(ShuttingDown("pooler is shutting down; reconnect to another instance"))
@@ -229,17 +241,21 @@ class ClientConnection(asyncio.Protocol):
             self._forward(server, data)
         else:
             self._hold(data)
-            server.apply_settings(self.settings, self._settings_applied)
+            self._apply_settings(server)
 
     def assign_server(self, server: ServerConnection) -> None:
         """The pool hands this waiting client a server (called by Pool.release)."""
         link(self, server)
         self._sync_flow(server)
-        server.apply_settings(self.settings, self._settings_applied)
+        self._apply_settings(server)
 
-    def _settings_applied(self, error: dict[str, str] | None) -> None:
-        server = self.server
-        if server is None or self.state is ClientState.CLOSED:
+    def _apply_settings(self, server: ServerConnection) -> None:
+        server.apply_settings(self.settings, lambda error: self._settings_applied(server, error))
+
+    def _settings_applied(self, server: ServerConnection, error: dict[str, str] | None) -> None:
+        if self.server is not server:
+            # The client left while the settings were being applied.
+            server.settle(None, reset=self.pool.mode == "session")
             return
         if error is not None:
             summary = messages.error_summary(error)
@@ -324,7 +340,7 @@ class ClientConnection(asyncio.Protocol):
         if self.state is ClientState.CLOSED:
             return
         if already_told:
-            self.transport.close()
+            self.close("the server ended the session")
         else:
             self.fail(error)
 
@@ -348,7 +364,7 @@ class ClientConnection(asyncio.Protocol):
         )
         if fatal:
             self.transport.write(payload)
-            self.transport.close()
+            self.close(f"{error.sqlstate}: {error.message}")
         else:
             self.transport.write(payload + messages.READY_IDLE)
 
@@ -612,7 +628,7 @@ class ClientConnection(asyncio.Protocol):
     def _cancel_request(self, request: CancelRequest) -> None:
         """A CancelRequest: cancel the target's running query, if it is running one."""
         self.phase = PHASE_DONE + 1  # not a session; no login or logout lines
-        self.transport.close()
+        self.close()
         target = self.registry.cancel_keys.get(request.pid)
         if target is None or not hmac.compare_digest(
             target.cancel_key.to_bytes(4, "big"), request.key.to_bytes(4, "big")
