@@ -96,6 +96,7 @@ class ClientConnection(asyncio.Protocol):
         "server",
         "settings",
         "state",
+        "terminating",
         "timer",
         "transport",
         "user",
@@ -126,6 +127,7 @@ class ClientConnection(asyncio.Protocol):
         self.cancel_pid = 0
         self.cancel_key = 0
         self.wait_started = 0.0
+        self.terminating = False
         self.connected_at = time.monotonic()
 
     def __repr__(self) -> str:
@@ -194,7 +196,9 @@ class ClientConnection(asyncio.Protocol):
             if server.on_ready is None:
                 # Left while linked: settle() drains, rolls back or closes the server.
                 # (With pgmux's own query in flight, its callback settles the server.)
-                server.settle(self.fe, reset=self.pool.mode == "session")
+                server.settle(
+                    self.fe, reset=self.pool.mode == "session", cancel=not self.terminating
+                )
         if self.phase == PHASE_DONE and registry.config.log_disconnections:
             log.info(
                 "%s: closing (%s), connected %.1f s",
@@ -206,6 +210,8 @@ class ClientConnection(asyncio.Protocol):
     # -- the relay ----------------------------------------------------------------------
 
     def _forward(self, server: ServerConnection, data: bytes) -> None:
+        if self.terminating:
+            return  # whatever follows Terminate is not for any server
         fe = self.fe
         copy_in = fe.copy_in
         try:
@@ -216,7 +222,13 @@ class ClientConnection(asyncio.Protocol):
         if end:
             server.transport.write(buf if end == len(buf) else memoryview(buf)[:end])  # type: ignore[union-attr]
         if terminated:
-            self.close("client sent Terminate")
+            if fe.idle:
+                self.close("client sent Terminate")
+            else:
+                # Let what it sent before Terminate finish, as PostgreSQL does; the
+                # relay closes the client once the last reply has gone out.
+                self.terminating = True
+                self.pause_reading(PAUSE_WAITING)
         elif copy_in and not fe.copy_in and fe.idle:
             # COPY FROM STDIN ended after the server had already answered (it failed
             # the copy early); nothing else will arrive to end the transaction.

@@ -22,7 +22,14 @@ from .pool import NO_SETTINGS, Pool, Registry, ServerState, Settings
 from .protocol import codes, messages
 from .protocol.errors import ProtocolError
 from .protocol.reader import MessageReader
-from .protocol.stream import REQ_SYNC, BackendStream, Event, FrontendStream
+from .protocol.stream import (
+    RELAY_INTERESTING,
+    REQ_SYNC,
+    BackendStream,
+    Event,
+    FrontendStream,
+    interesting_table,
+)
 
 if TYPE_CHECKING:
     from .client import ClientConnection
@@ -35,6 +42,10 @@ WRITE_LOW_WATER = 64 * 1024
 
 # Reasons a server's reading is paused (bit mask).
 PAUSE_CLIENT_FULL = 1
+
+# Statement mode also watches CommandComplete, to hold back a BEGIN it will refuse.
+STATEMENT_INTERESTING = interesting_table(b"ZSEGC")
+_BEGIN_TAGS = (b"BEGIN", b"START TRANSACTION")
 
 ErrorFields = dict[str, str]
 QueryDone = Callable[[int, ErrorFields | None], None]
@@ -66,6 +77,7 @@ class ServerConnection(asyncio.Protocol):
         "drain_fe",
         "error_fields",
         "fatal",
+        "held",
         "id",
         "idle_since",
         "on_ready",
@@ -74,6 +86,7 @@ class ServerConnection(asyncio.Protocol):
         "pool",
         "reader",
         "registry",
+        "relay",
         "relaying",
         "reset_pending",
         "scram",
@@ -104,7 +117,13 @@ class ServerConnection(asyncio.Protocol):
         self.created_at = now
         self.idle_since = now
         self.reader: MessageReader | None = MessageReader(registry.config.max_packet_size)
-        self.stream = BackendStream(registry.config.max_packet_size)
+        statement_mode = pool.mode == "statement"
+        self.stream = BackendStream(
+            registry.config.max_packet_size,
+            STATEMENT_INTERESTING if statement_mode else RELAY_INTERESTING,
+        )
+        self.relay = self._relay_statement if statement_mode else self._relay_events
+        self.held: bytes | None = None
         self.scram: ScramClientSession | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.cancel_pending = 0
@@ -297,8 +316,8 @@ class ServerConnection(asyncio.Protocol):
             except ProtocolError as exc:
                 self.close(f"protocol error from server: {exc}")
                 return
-            if events:
-                self._relay_events(client, buf, end, events)
+            if events or self.held is not None:
+                self.relay(client, buf, end, events)
             elif end:
                 client.transport.write(buf if end == len(buf) else memoryview(buf)[:end])
             return
@@ -328,14 +347,7 @@ class ServerConnection(asyncio.Protocol):
                 status = buf[start + 5]
                 fe.on_ready_for_query()
                 self.tx_status = status
-                if status == codes.TX_IDLE:
-                    done = True
-                elif self.pool.mode == "statement":
-                    write(memoryview(buf)[:start])
-                    self._refuse_transaction(client, fe)
-                    return
-                else:
-                    done = False
+                done = status == codes.TX_IDLE
             elif typ == codes.B_PARAMETER_STATUS:
                 name, value = messages.parse_parameter_status(buf[start + 5 : stop])
                 self.params[name] = value
@@ -346,9 +358,70 @@ class ServerConnection(asyncio.Protocol):
             elif typ == codes.B_COPY_IN_RESPONSE:
                 fe.on_copy_in_response()
         write(buf if end == len(buf) else memoryview(buf)[:end])
-        if done and fe.idle and self.pool.mode != "session" and self.client is client:
+        self._after_relay(client, fe, done)
+
+    def _after_relay(self, client: ClientConnection, fe: FrontendStream, done: bool) -> None:
+        if client.terminating:
+            if fe.idle:
+                client.close("client sent Terminate")  # settles this server
+        elif done and fe.idle and self.pool.mode != "session" and self.client is client:
             client.detach()
             self.settle(None)
+
+    def _relay_statement(
+        self, client: ClientConnection, buf: bytes, end: int, events: Sequence[Event]
+    ) -> None:
+        """Statement mode's relay: as ``_relay_events``, but a statement that leaves a
+        transaction open is refused, and the CommandComplete of a BEGIN that is refused
+        never reaches the client (a lone BEGIN gets one result: the error)."""
+        fe = client.fe
+        write = client.transport.write
+        view = memoryview(buf)
+        held, self.held = self.held, None
+        if held is not None and not (
+            events and events[0][0] == codes.B_READY_FOR_QUERY and events[0][1] == 0
+            and buf[5] != codes.TX_IDLE
+        ):  # fmt: skip
+            write(held)  # what followed the BEGIN was not its refusal after all
+        cursor = 0
+        done = False
+        for index, (typ, start, stop) in enumerate(events):
+            if typ == codes.B_COMMAND_COMPLETE:
+                if bytes(view[start + 5 : stop - 1]) not in _BEGIN_TAGS:
+                    continue
+                if stop == end:  # its ReadyForQuery comes with the next chunk
+                    write(view[cursor:start])
+                    self.held = bytes(view[start:stop])
+                    cursor = stop
+                elif index + 1 < len(events):
+                    typ2, start2, _ = events[index + 1]
+                    if (
+                        typ2 == codes.B_READY_FOR_QUERY
+                        and start2 == stop
+                        and buf[start2 + 5] != codes.TX_IDLE
+                    ):
+                        write(view[cursor:start])
+                        cursor = stop
+            elif typ == codes.B_READY_FOR_QUERY:
+                status = buf[start + 5]
+                fe.on_ready_for_query()
+                self.tx_status = status
+                if status != codes.TX_IDLE:
+                    write(view[cursor:start])
+                    self._refuse_transaction(client, fe)
+                    return
+                done = True
+            elif typ == codes.B_PARAMETER_STATUS:
+                name, value = messages.parse_parameter_status(buf[start + 5 : stop])
+                self.params[name] = value
+                client.setting_reported(name, value)
+                self.settings = client.settings
+            elif typ == codes.B_ERROR_RESPONSE:
+                self._note_error(buf[start + 5 : stop])
+            elif typ == codes.B_COPY_IN_RESPONSE:
+                fe.on_copy_in_response()
+        write(view[cursor:end])
+        self._after_relay(client, fe, done)
 
     def _note_error(self, body: bytes) -> None:
         fields = messages.parse_fields(body)
@@ -463,7 +536,9 @@ class ServerConnection(asyncio.Protocol):
 
     # -- coming back clean ----------------------------------------------------------------
 
-    def settle(self, fe: FrontendStream | None, *, reset: bool = False) -> None:
+    def settle(
+        self, fe: FrontendStream | None, *, reset: bool = False, cancel: bool = True
+    ) -> None:
         """Bring an unlinked server back to a clean idle state, then give it back.
 
         ``fe`` is the stream of a client that left with requests in flight: their
@@ -478,8 +553,13 @@ class ServerConnection(asyncio.Protocol):
         if self.fatal:
             self.close("server reported a fatal error")
             return
+        if fe is not None and fe.mid_message:
+            # Part of a message went to the server and the rest never will: the stream
+            # cannot be resynchronised, and the server waits for bytes (ignoring cancels).
+            self.close("its client left in the middle of a message")
+            return
         if fe is not None and not fe.idle:
-            self._drain(fe)
+            self._drain(fe, cancel)
             return
         if self.cancel_pending:
             self.settle_after_cancel = True
@@ -503,8 +583,12 @@ class ServerConnection(asyncio.Protocol):
             return
         self.settle(None)
 
-    def _drain(self, fe: FrontendStream) -> None:
-        """The client left mid-request: finish what it started, swallowing replies."""
+    def _drain(self, fe: FrontendStream, cancel: bool) -> None:
+        """The client left mid-request: finish what it started, swallowing replies.
+
+        Requests still running are cancelled, unless the client ended with Terminate:
+        then, as with PostgreSQL itself, what it sent runs to completion.
+        """
         assert self.transport is not None
         in_flight = bool(fe.requests) or fe.extended_open
         if fe.copy_in:
@@ -514,7 +598,7 @@ class ServerConnection(asyncio.Protocol):
             self.transport.write(messages.SYNC)
             fe.requests.append(REQ_SYNC)
             fe.extended_open = False
-        if in_flight:
+        if in_flight and cancel:
             self.forward_cancel()
         self.drain_fe = fe
         self.on_ready = self._drain_ready
@@ -624,7 +708,7 @@ class ServerConnection(asyncio.Protocol):
         """Close this server connection; idempotent. A linked client is told and closed."""
         if self.state is ServerState.CLOSED:
             return
-        log.debug("%s: closing: %s", self, reason)
+        log.info("%s: closing: %s", self, reason)
         self._cancel_timer()
         self.relaying = False
         self.on_ready = None

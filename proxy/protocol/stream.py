@@ -27,10 +27,11 @@ NO_EVENTS: Sequence[Event] = ()
 K_INVALID = 0
 K_REQUEST = 1  # Query, FunctionCall: answered by exactly one ReadyForQuery
 K_SYNC = 2  # ends an extended-query batch; answered by one ReadyForQuery
-K_EXTENDED = 3  # Parse, Bind, Describe, Execute, Close, Flush: batch is open until Sync
+K_EXTENDED = 3  # Parse, Bind, Describe, Execute, Close: batch is open until Sync
 K_COPY_DATA = 4
 K_COPY_END = 5  # CopyDone, CopyFail
 K_TERMINATE = 6
+K_FLUSH = 7  # asks for pending output; opens nothing and awaits no ReadyForQuery
 
 
 def _kind_table() -> bytes:
@@ -44,9 +45,9 @@ def _kind_table() -> bytes:
         codes.F_DESCRIBE,
         codes.F_EXECUTE,
         codes.F_CLOSE,
-        codes.F_FLUSH,
     ):
         table[typ] = K_EXTENDED
+    table[codes.F_FLUSH] = K_FLUSH
     table[codes.F_COPY_DATA] = K_COPY_DATA
     table[codes.F_COPY_DONE] = K_COPY_END
     table[codes.F_COPY_FAIL] = K_COPY_END

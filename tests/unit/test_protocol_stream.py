@@ -84,6 +84,13 @@ class TestFrontendStream:
         fe.on_ready_for_query()
         assert fe.idle
 
+    def test_flush_after_sync_opens_nothing(self, bytewise: bool) -> None:
+        # psycopg's pipeline mode sends Flush after Sync; nothing awaits a reply then.
+        fe = FrontendStream(MAX)
+        feed_front(fe, parse() + BIND + EXECUTE + SYNC + FLUSH, bytewise=bytewise)
+        fe.on_ready_for_query()
+        assert fe.idle
+
     def test_terminate_stops_forwarding(self, bytewise: bool) -> None:
         fe = FrontendStream(MAX)
         out, terminated = feed_front(fe, QUERY + TERMINATE + QUERY, bytewise=bytewise)
