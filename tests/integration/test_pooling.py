@@ -1,0 +1,462 @@
+"""Pooling: many clients on few servers, transaction/statement/session modes, pgbench."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import psycopg
+import pytest
+from support.helpers import (
+    app_backends,
+    connect_asyncpg,
+    connect_psycopg,
+    fetch_value,
+    postgres_error,
+    psql_command,
+    run_psql,
+    superuser,
+    tool_env,
+    wait_until,
+)
+from support.pgcluster import APP_DB, APP_USER, PgCluster, find_client_tool
+from support.pgmux import PgmuxFactory, PgmuxProcess
+
+
+@pytest.fixture
+async def table(pg: PgCluster) -> AsyncIterator[str]:
+    """A fresh table ``pool_t`` owned by app."""
+    name = "pool_t"
+    pg.psql(
+        f"DROP TABLE IF EXISTS {name}; CREATE TABLE {name} (client int, n int, note text);"
+        f" ALTER TABLE {name} OWNER TO {APP_USER}"
+    )
+    yield name
+    pg.psql(f"DROP TABLE IF EXISTS {name}")
+
+
+# -- many clients, few servers -----------------------------------------------------------
+
+
+async def test_300_clients_on_5_servers(pg: PgCluster, pgmux: PgmuxProcess, table: str) -> None:
+    n_clients = 300
+    su = await superuser(pg)
+    samples: list[int] = []
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        while not done.is_set():
+            count = await fetch_value(
+                su,
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = %s"
+                " AND backend_type = 'client backend'",
+                [APP_USER],
+            )
+            samples.append(count)
+            await asyncio.sleep(0.01)
+
+    async def client(i: int) -> None:
+        conn = await connect_asyncpg(pgmux, timeout=60)
+        try:
+            assert await conn.fetchval("SELECT $1::int * 2", i) == i * 2
+            assert await conn.fetchval("SELECT current_user") == APP_USER
+            async with conn.transaction():
+                await conn.execute(f"INSERT INTO {table} VALUES ($1, 1, 'a')", i)
+                await asyncio.sleep(0.01)  # hold the server a little: clients must queue
+                await conn.execute(f"INSERT INTO {table} VALUES ($1, 2, 'b')", i)
+            rows = await conn.fetch(f"SELECT n FROM {table} WHERE client = $1 ORDER BY n", i)
+            assert [r["n"] for r in rows] == [1, 2]
+        finally:
+            await conn.close()
+
+    sampler = asyncio.create_task(sample())
+    started = time.monotonic()
+    try:
+        results = await asyncio.gather(
+            *(client(i) for i in range(n_clients)), return_exceptions=True
+        )
+    finally:
+        done.set()
+        await sampler
+    elapsed = time.monotonic() - started
+    failures = [r for r in results if isinstance(r, BaseException)]
+    assert not failures, f"{len(failures)} of {n_clients} clients failed, first: {failures[0]!r}"
+    assert await fetch_value(su, f"SELECT count(*) FROM {table}") == 2 * n_clients
+    assert samples, "no pg_stat_activity samples taken"
+    assert max(samples) <= 5, f"PostgreSQL saw {max(samples)} app backends"
+    print(f"300 clients in {elapsed:.1f} s; {len(samples)} samples, max {max(samples)} backends")
+    await su.close()
+
+
+async def test_transaction_stays_on_one_server(pgmux: PgmuxProcess, table: str) -> None:
+    """Concurrent clients: inside BEGIN..COMMIT every statement sees the same backend."""
+
+    async def client(i: int) -> set[int]:
+        conn = await connect_asyncpg(pgmux)
+        pids: set[int] = set()
+        try:
+            for t in range(10):
+                async with conn.transaction():
+                    pid = await conn.fetchval("SELECT pg_backend_pid()")
+                    txid = await conn.fetchval("SELECT txid_current()")
+                    for _ in range(3):
+                        await conn.execute(f"INSERT INTO {table} VALUES ($1, $2)", i, t)
+                        await asyncio.sleep(0)
+                        assert await conn.fetchval("SELECT pg_backend_pid()") == pid
+                        assert await conn.fetchval("SELECT txid_current()") == txid
+                    count = await conn.fetchval(
+                        f"SELECT count(*) FROM {table} WHERE client = $1 AND n = $2", i, t
+                    )
+                    assert count == 3
+                pids.add(pid)
+                # A rolled-back transaction leaves nothing behind.
+                tr = conn.transaction()
+                await tr.start()
+                await conn.execute(f"INSERT INTO {table} VALUES ($1, -1)", i)
+                await tr.rollback()
+            assert await conn.fetchval(f"SELECT count(*) FROM {table} WHERE n = -1") == 0
+        finally:
+            await conn.close()
+        return pids
+
+    results = await asyncio.gather(*(client(i) for i in range(12)))
+    all_pids = set().union(*results)
+    assert 1 <= len(all_pids) <= 5, all_pids
+
+
+# -- waiting for a server ----------------------------------------------------------------
+
+
+async def test_query_wait_timeout(pgmux_factory: PgmuxFactory) -> None:
+    pgmux = pgmux_factory({"default_pool_size": 1, "query_wait_timeout": 1})
+    holder = await connect_asyncpg(pgmux)
+    waiter = await connect_asyncpg(pgmux)
+    try:
+        await holder.execute("BEGIN")
+        pid = await holder.fetchval("SELECT pg_backend_pid()")
+        started = time.monotonic()
+        with pytest.raises(asyncpg.PostgresError) as info:
+            await waiter.fetchval("SELECT 1", timeout=10)
+        elapsed = time.monotonic() - started
+        error = postgres_error(info.value)
+        assert error.sqlstate == "57014"
+        assert "exhausted" in error.message and "1 of 1" in error.message
+        assert "query_wait_timeout" in error.message
+        assert 0.9 <= elapsed < 3, f"failed after {elapsed:.2f} s"
+        # The waiting client's connection is closed by pgmux.
+        await wait_until(lambda: waiter.is_closed(), 3, what="waiter connection closed")
+        # The holder is unaffected and still in its transaction on the same server.
+        assert await holder.fetchval("SELECT pg_backend_pid()") == pid
+        assert await holder.fetchval("SELECT txid_current() = txid_current()") is True
+        xid = await holder.fetchval("SELECT txid_current()")
+        assert await holder.fetchval("SELECT txid_current()") == xid
+        await holder.execute("COMMIT")
+        assert await holder.fetchval("SELECT 1") == 1
+    finally:
+        await holder.close()
+        waiter.terminate()
+    # The pool recovers for new clients.
+    conn = await connect_asyncpg(pgmux)
+    try:
+        assert await conn.fetchval("SELECT 3") == 3
+    finally:
+        await conn.close()
+
+
+async def test_query_wait_timeout_psycopg(pgmux_factory: PgmuxFactory) -> None:
+    pgmux = pgmux_factory({"default_pool_size": 1, "query_wait_timeout": 1})
+    async with await connect_psycopg(pgmux, autocommit=False) as holder:
+        await holder.execute("SELECT 1")  # opens a transaction and keeps it
+        async with await connect_psycopg(pgmux) as waiter:
+            with pytest.raises(psycopg.errors.QueryCanceled) as info:
+                await waiter.execute("SELECT 2")
+            assert info.value.sqlstate == "57014"
+            assert "query_wait_timeout" in str(info.value)
+            assert waiter.closed or waiter.broken
+        await holder.commit()
+
+
+async def test_waiters_are_served_in_turn(pgmux_factory: PgmuxFactory) -> None:
+    """Pool of 1, many clients with short transactions: all of them get through."""
+    pgmux = pgmux_factory({"default_pool_size": 1})
+
+    async def client(i: int) -> int:
+        conn = await connect_asyncpg(pgmux)
+        try:
+            total = 0
+            for _ in range(5):
+                async with conn.transaction():
+                    total += await conn.fetchval("SELECT $1::int", i)
+                    await asyncio.sleep(0.005)
+            return total
+        finally:
+            await conn.close()
+
+    results = await asyncio.gather(*(client(i) for i in range(30)))
+    assert results == [5 * i for i in range(30)]
+
+
+# -- statement mode ----------------------------------------------------------------------
+
+
+async def _no_open_transaction(pg: PgCluster) -> None:
+    su = await superuser(pg)
+    try:
+        await wait_until(lambda: _all_idle(su), 3, what="app backends idle outside a transaction")
+    finally:
+        await su.close()
+
+
+async def _all_idle(su: psycopg.AsyncConnection[Any]) -> bool:
+    rows = await app_backends(su)
+    return all(state == "idle" and not in_xact for _, state, in_xact, _ in rows)
+
+
+async def _in_transaction(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """Simple protocol: now() = statement_timestamp() unless a transaction is open."""
+    async with psycopg.AsyncClientCursor(conn) as cur:
+        await cur.execute("SELECT now() <> statement_timestamp()")
+        row = await cur.fetchone()
+        assert row is not None
+        return bool(row[0])
+
+
+async def test_statement_mode(pg: PgCluster, pgmux_factory: PgmuxFactory) -> None:
+    pgmux = pgmux_factory({"pool_mode": "statement", "default_pool_size": 1})
+    conn = await connect_asyncpg(pgmux)
+    try:
+        for i in range(5):
+            assert await conn.fetchval("SELECT $1::int", i) == i
+        with pytest.raises(asyncpg.PostgresError) as info:
+            await conn.execute("BEGIN")
+        assert info.value.sqlstate == "0A000"
+        assert "statement" in info.value.message
+        assert await conn.fetchval("SELECT 1") == 1
+        await _no_open_transaction(pg)
+        with pytest.raises(asyncpg.PostgresError) as info:
+            async with conn.transaction():
+                await conn.execute("SELECT 1")
+        assert info.value.sqlstate == "0A000"
+        assert await conn.fetchval("SELECT 2") == 2
+    finally:
+        await conn.close()
+    await _no_open_transaction(pg)
+    # The same through psycopg's simple protocol, on the one server.
+    async with await connect_psycopg(pgmux) as pconn:
+        assert not await _in_transaction(pconn)
+        with pytest.raises(psycopg.errors.FeatureNotSupported) as pinfo:
+            await pconn.execute("BEGIN")
+        assert "statement" in str(pinfo.value)
+        assert not await _in_transaction(pconn)
+    await _no_open_transaction(pg)
+
+
+async def test_statement_mode_psycopg_implicit_begin(
+    pg: PgCluster, pgmux_factory: PgmuxFactory
+) -> None:
+    """psycopg outside autocommit sends a lone ``BEGIN`` first: it must get the 0A000."""
+    pgmux = pgmux_factory({"pool_mode": "statement", "default_pool_size": 1})
+    async with await connect_psycopg(pgmux, autocommit=False) as pconn:
+        with pytest.raises(psycopg.errors.FeatureNotSupported) as info:
+            await pconn.execute("SELECT 1")
+        assert "statement" in str(info.value)
+    await _no_open_transaction(pg)
+
+
+def test_statement_mode_psql(pg: PgCluster, pgmux_factory: PgmuxFactory) -> None:
+    pgmux = pgmux_factory({"pool_mode": "statement", "default_pool_size": 1})
+    proc = run_psql(pgmux, "-c", "BEGIN")
+    assert proc.returncode != 0
+    assert "statement" in proc.stderr, proc.stderr
+    proc = run_psql(pgmux, "-v", "VERBOSITY=verbose", "-c", "BEGIN")
+    assert "0A000" in proc.stderr, proc.stderr
+    proc = run_psql(pgmux, input="BEGIN;\nSELECT now() = statement_timestamp();\n")
+    assert "statement" in proc.stderr
+    assert proc.stdout.strip() == "t", proc.stdout
+    proc = run_psql(pgmux, "-c", "SELECT 7")
+    assert proc.returncode == 0 and proc.stdout.strip() == "7", proc.stderr
+    asyncio.run(_no_open_transaction(pg))
+
+
+# -- session mode ------------------------------------------------------------------------
+
+
+async def test_session_mode(pg: PgCluster, pgmux_factory: PgmuxFactory) -> None:
+    pgmux = pgmux_factory({"pool_mode": "session", "default_pool_size": 1})
+    conn = await connect_asyncpg(pgmux)
+    try:
+        pid = await conn.fetchval("SELECT pg_backend_pid()")
+        for _ in range(3):
+            async with conn.transaction():
+                assert await conn.fetchval("SELECT pg_backend_pid()") == pid
+            assert await conn.fetchval("SELECT pg_backend_pid()") == pid
+        await conn.execute("SET myapp.flavour = 'mint'")
+        await conn.execute("SET statement_timeout = 777")
+        await conn.execute("CREATE TEMP TABLE session_tmp (x int)")
+        await conn.execute("SELECT pg_advisory_lock(4242)")
+        await conn.execute("PREPARE session_stmt AS SELECT 1")
+        assert await conn.fetchval("SELECT current_setting('myapp.flavour')") == "mint"
+    finally:
+        await conn.close()
+    conn = await connect_asyncpg(pgmux)
+    try:
+        # Same server (pool of 1), but reset: DISCARD ALL.
+        assert await conn.fetchval("SELECT pg_backend_pid()") == pid
+        assert await conn.fetchval("SELECT current_setting('myapp.flavour', true)") in (None, "")
+        assert await conn.fetchval("SHOW statement_timeout") == "0"
+        assert await conn.fetchval("SELECT to_regclass('pg_temp.session_tmp')") is None
+        assert await conn.fetchval("SELECT count(*) FROM pg_prepared_statements") == 0
+        assert await conn.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") == 0
+    finally:
+        await conn.close()
+
+
+async def test_session_mode_second_client_waits(pgmux_factory: PgmuxFactory) -> None:
+    pgmux = pgmux_factory({"pool_mode": "session", "default_pool_size": 1})
+    first = await connect_asyncpg(pgmux)
+    second = await connect_asyncpg(pgmux)
+    try:
+        assert await first.fetchval("SELECT 1") == 1
+        task = asyncio.create_task(second.fetchval("SELECT 2"))
+        await asyncio.sleep(0.5)
+        assert not task.done(), "second client got a server while the first holds it"
+        await first.close()
+        assert await asyncio.wait_for(task, 5) == 2
+    finally:
+        await first.close()
+        await second.close()
+
+
+# -- tools -------------------------------------------------------------------------------
+
+
+def _pgbench(pgmux_or_pg: PgmuxProcess | PgCluster, *args: str) -> subprocess.CompletedProcess[str]:
+    host, port = pgmux_or_pg.host, pgmux_or_pg.port
+    return subprocess.run(
+        [find_client_tool("pgbench"), "-h", host, "-p", str(port), "-U", APP_USER, *args, APP_DB],
+        env=tool_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _check_pgbench(proc: subprocess.CompletedProcess[str]) -> float:
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    failed = re.search(r"number of failed transactions: (\d+)", out)
+    assert failed is not None and int(failed.group(1)) == 0, out
+    tps = re.search(r"tps = ([0-9.]+)", out)
+    assert tps is not None, out
+    assert float(tps.group(1)) > 0, out
+    return float(tps.group(1))
+
+
+def test_pgbench(pg: PgCluster, pgmux: PgmuxProcess) -> None:
+    init = _pgbench(pg, "-i", "-s", "1", "-q")
+    assert init.returncode == 0, init.stdout + init.stderr
+    select_only = _check_pgbench(_pgbench(pgmux, "-c", "20", "-j", "2", "-T", "5", "-S"))
+    tpcb = _check_pgbench(_pgbench(pgmux, "-c", "10", "-j", "2", "-T", "5"))
+    print(f"pgbench through pgmux: -S {select_only:.0f} tps, TPC-B {tpcb:.0f} tps")
+
+
+def test_psql_multiple_statements(pgmux: PgmuxProcess) -> None:
+    proc = run_psql(pgmux, "-c", "select 1; select 2")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["1", "2"]
+    proc = run_psql(pgmux, input="select 3;\nbegin;\nselect 4;\ncommit;\nselect 5;\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["3", "4", "5"], proc.stdout
+
+
+def test_psql_interactive_style_session(pgmux: PgmuxProcess) -> None:
+    """psql reading a script from stdin with a transaction across several lines."""
+    script = (
+        "\n".join(
+            [
+                "CREATE TEMP TABLE IF NOT EXISTS t_psql (x int);",  # fine: one statement
+                "SELECT 'a';",
+                "\\echo between",
+                "SELECT 'b';",
+            ]
+        )
+        + "\n"
+    )
+    proc = subprocess.run(
+        psql_command(pgmux, "-v", "ON_ERROR_STOP=1"),
+        input=script,
+        env=tool_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["a", "between", "b"], proc.stdout
+
+
+# -- pipelining --------------------------------------------------------------------------
+
+
+async def test_psycopg_pipeline(pgmux: PgmuxProcess, table: str) -> None:
+    async with await connect_psycopg(pgmux) as conn:
+        async with conn.pipeline():
+            cursors = []
+            for i in range(20):
+                cur = conn.cursor()
+                await cur.execute("SELECT %s::int * 3, pg_backend_pid()", [i])
+                cursors.append(cur)
+            ins = conn.cursor()
+            await ins.execute(f"INSERT INTO {table} (client, n) VALUES (%s, %s)", [1, 1])
+        values = [await cur.fetchone() for cur in cursors]
+        assert [v[0] for v in values if v] == [i * 3 for i in range(20)]
+        cur = await conn.execute(f"SELECT count(*) FROM {table}")
+        assert await cur.fetchone() == (1,)
+
+
+async def test_psycopg_pipeline_in_transaction_concurrent(pgmux: PgmuxProcess, table: str) -> None:
+    async def client(i: int) -> None:
+        async with await connect_psycopg(pgmux, autocommit=False) as conn:
+            for round_ in range(5):
+                async with conn.pipeline() as pipeline:
+                    c1 = await conn.execute("SELECT pg_backend_pid(), txid_current()")
+                    await conn.execute(
+                        f"INSERT INTO {table} (client, n) VALUES (%s, %s)", [i, round_]
+                    )
+                    c2 = await conn.execute("SELECT pg_backend_pid(), txid_current()")
+                    c3 = await conn.execute(f"SELECT count(*) FROM {table} WHERE client = %s", [i])
+                    await pipeline.sync()
+                    first, second = await c1.fetchone(), await c2.fetchone()
+                    assert first == second
+                    assert await c3.fetchone() == (round_ + 1,)
+                await conn.commit()
+
+    await asyncio.gather(*(client(i) for i in range(10)))
+    su_rows = await _count(pgmux, table)
+    assert su_rows == 50
+
+
+async def _count(pgmux: PgmuxProcess, table: str) -> int:
+    async with await connect_psycopg(pgmux) as conn:
+        cur = await conn.execute(f"SELECT count(*) FROM {table}")
+        row = await cur.fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+async def test_asyncpg_executemany(pgmux: PgmuxProcess, table: str) -> None:
+    """asyncpg's executemany pipelines Bind/Execute without a Sync per row."""
+    conn = await connect_asyncpg(pgmux)
+    try:
+        await conn.executemany(
+            f"INSERT INTO {table} (client, n) VALUES ($1, $2)", [(7, i) for i in range(500)]
+        )
+        assert await conn.fetchval(f"SELECT count(*) FROM {table} WHERE client = 7") == 500
+    finally:
+        await conn.close()

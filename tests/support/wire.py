@@ -1,0 +1,348 @@
+"""The PostgreSQL wire protocol by hand, for tests that must send exactly these bytes.
+
+Independent of ``proxy.protocol`` on purpose: a test written with the proxy's own
+encoders would share its bugs.
+
+- Encoders: ``startup_packet``, ``ssl_request``, ``gssenc_request``, ``cancel_request``,
+  ``message``, ``query``, ``parse``, ``bind``, ``execute``, ``sync``, ``flush``, ``copy_data``,
+  ``copy_done``, ``terminate``.
+- ``RawClient``: an asyncio stream to pgmux (or PostgreSQL) that reads whole messages
+  and can log in (trust, cleartext, md5, SCRAM-SHA-256) and run simple queries.
+- ``parse_fields``: the fields of an ErrorResponse / NoticeResponse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import os
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+PROTOCOL_3_0 = 3 << 16
+SSL_REQUEST_CODE = 80877103
+GSSENC_REQUEST_CODE = 80877104
+CANCEL_REQUEST_CODE = 80877102
+
+AUTH_OK = 0
+AUTH_CLEARTEXT = 3
+AUTH_MD5 = 5
+AUTH_SASL = 10
+AUTH_SASL_CONTINUE = 11
+AUTH_SASL_FINAL = 12
+
+_INT32 = struct.Struct("!I")
+_HEADER = struct.Struct("!cI")
+
+
+# -- encoders ----------------------------------------------------------------------------
+
+
+def _cstring(text: str) -> bytes:
+    return text.encode() + b"\x00"
+
+
+def startup_packet(params: Mapping[str, str], major: int = 3, minor: int = 0) -> bytes:
+    body = _INT32.pack((major << 16) | minor)
+    body += b"".join(_cstring(k) + _cstring(v) for k, v in params.items()) + b"\x00"
+    return _INT32.pack(len(body) + 4) + body
+
+
+def ssl_request() -> bytes:
+    return struct.pack("!II", 8, SSL_REQUEST_CODE)
+
+
+def gssenc_request() -> bytes:
+    return struct.pack("!II", 8, GSSENC_REQUEST_CODE)
+
+
+def cancel_request(pid: int, key: int) -> bytes:
+    return struct.pack("!IIII", 16, CANCEL_REQUEST_CODE, pid, key)
+
+
+def message(type_byte: bytes, body: bytes = b"") -> bytes:
+    """Type byte, Int32 length (counting itself), body."""
+    return _HEADER.pack(type_byte, len(body) + 4) + body
+
+
+def query(sql: str) -> bytes:
+    return message(b"Q", _cstring(sql))
+
+
+def parse(sql: str, name: str = "") -> bytes:
+    return message(b"P", _cstring(name) + _cstring(sql) + struct.pack("!H", 0))
+
+
+def bind(portal: str = "", statement: str = "") -> bytes:
+    """Bind without parameters, text results."""
+    return message(b"B", _cstring(portal) + _cstring(statement) + struct.pack("!HHH", 0, 0, 0))
+
+
+def execute(portal: str = "", max_rows: int = 0) -> bytes:
+    return message(b"E", _cstring(portal) + _INT32.pack(max_rows))
+
+
+def sync() -> bytes:
+    return message(b"S")
+
+
+def flush() -> bytes:
+    return message(b"H")
+
+
+def copy_data(data: bytes) -> bytes:
+    return message(b"d", data)
+
+
+def copy_done() -> bytes:
+    return message(b"c")
+
+
+def terminate() -> bytes:
+    return message(b"X")
+
+
+# -- decoders ----------------------------------------------------------------------------
+
+
+def parse_fields(body: bytes) -> dict[str, str]:
+    """ErrorResponse / NoticeResponse body -> {field code: value}."""
+    fields: dict[str, str] = {}
+    pos = 0
+    while pos < len(body) and body[pos] != 0:
+        code = chr(body[pos])
+        end = body.index(b"\x00", pos + 1)
+        fields[code] = body[pos + 1 : end].decode(errors="replace")
+        pos = end + 1
+    return fields
+
+
+class ServerError(Exception):
+    """An ErrorResponse where the test did not expect one."""
+
+    def __init__(self, fields: dict[str, str]) -> None:
+        super().__init__(f"{fields.get('C')}: {fields.get('M')}")
+        self.fields = fields
+
+    @property
+    def sqlstate(self) -> str | None:
+        return self.fields.get("C")
+
+
+@dataclass
+class QueryResult:
+    """What a simple Query returned, up to and including ReadyForQuery."""
+
+    rows: list[list[str | None]] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    errors: list[dict[str, str]] = field(default_factory=list)
+    status: str = ""
+
+
+# -- the client --------------------------------------------------------------------------
+
+
+class RawClient:
+    """One connection speaking the protocol by hand (asyncio streams)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.params: dict[str, str] = {}
+        self.backend_pid = 0
+        self.backend_key = 0
+
+    @classmethod
+    async def open(cls, host: str, port: int) -> RawClient:
+        reader, writer = await asyncio.open_connection(host, port)
+        return cls(reader, writer)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def read_exactly(self, n: int, timeout: float = 10) -> bytes:
+        async with asyncio.timeout(timeout):
+            return await self.reader.readexactly(n)
+
+    async def read_message(self, timeout: float = 10) -> tuple[bytes, bytes]:
+        """The next ``(type byte, body)``; IncompleteReadError at end of stream."""
+        async with asyncio.timeout(timeout):
+            header = await self.reader.readexactly(5)
+            typ, length = _HEADER.unpack(header)
+            body = await self.reader.readexactly(length - 4)
+        return typ, body
+
+    async def read_until_eof(self, timeout: float = 10) -> bytes:
+        """Everything until the peer closes (ConnectionResetError counts as a close)."""
+        chunks = []
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    chunk = await self.reader.read(65536)
+                except ConnectionResetError:
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def read_until(self, wanted: bytes, timeout: float = 10) -> list[tuple[bytes, bytes]]:
+        """Messages up to and including the first of type ``wanted``."""
+        got = []
+        while True:
+            typ, body = await self.read_message(timeout)
+            got.append((typ, body))
+            if typ == wanted:
+                return got
+
+    async def login(
+        self,
+        user: str,
+        password: str,
+        database: str,
+        params: Mapping[str, str] | None = None,
+        *,
+        send_startup: bool = True,
+    ) -> None:
+        """Startup and authentication up to the first ReadyForQuery.
+
+        Raises ``ServerError`` on an ErrorResponse. ``send_startup=False`` when the
+        caller has already sent the startup packet itself.
+        """
+        if send_startup:
+            await self.send(startup_packet({"user": user, "database": database, **(params or {})}))
+        scram: _ScramClient | None = None
+        while True:
+            typ, body = await self.read_message()
+            if typ == b"E":
+                raise ServerError(parse_fields(body))
+            if typ == b"R":
+                (code,) = _INT32.unpack_from(body)
+                payload = body[4:]
+                if code == AUTH_CLEARTEXT:
+                    await self.send(message(b"p", _cstring(password)))
+                elif code == AUTH_MD5:
+                    await self.send(message(b"p", _cstring(md5_password(user, password, payload))))
+                elif code == AUTH_SASL:
+                    scram = _ScramClient(password)
+                    first = scram.client_first()
+                    body = _cstring("SCRAM-SHA-256") + _INT32.pack(len(first)) + first
+                    await self.send(message(b"p", body))
+                elif code == AUTH_SASL_CONTINUE:
+                    assert scram is not None
+                    await self.send(message(b"p", scram.client_final(payload)))
+                elif code == AUTH_SASL_FINAL:
+                    assert scram is not None
+                    scram.verify_server_final(payload)
+                elif code != AUTH_OK:
+                    raise AssertionError(f"unsupported authentication request {code}")
+            elif typ == b"S":
+                name, value, _ = body.split(b"\x00", 2)
+                self.params[name.decode()] = value.decode()
+            elif typ == b"K":
+                self.backend_pid, self.backend_key = struct.unpack("!II", body)
+            elif typ == b"Z":
+                return
+
+    async def simple_query(self, sql: str, timeout: float = 10) -> QueryResult:
+        """Send one Query and read its replies up to ReadyForQuery."""
+        await self.send(query(sql))
+        return await self.read_result(timeout)
+
+    async def read_result(self, timeout: float = 10) -> QueryResult:
+        result = QueryResult()
+        while True:
+            typ, body = await self.read_message(timeout)
+            if typ == b"D":
+                result.rows.append(_data_row(body))
+            elif typ == b"C":
+                result.tags.append(body.rstrip(b"\x00").decode())
+            elif typ == b"E":
+                result.errors.append(parse_fields(body))
+            elif typ == b"Z":
+                result.status = body.decode()
+                return result
+
+    def abort(self) -> None:
+        """Drop the connection without a Terminate (RST)."""
+        self.writer.transport.abort()
+
+    async def close(self) -> None:
+        """Close without a Terminate message (a FIN, like a client that just goes away)."""
+        self.writer.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await self.writer.wait_closed()
+
+    async def __aenter__(self) -> RawClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if not self.writer.is_closing():
+            self.abort()
+        with contextlib.suppress(ConnectionError, OSError):
+            await self.writer.wait_closed()
+
+
+def _data_row(body: bytes) -> list[str | None]:
+    (count,) = struct.unpack_from("!H", body)
+    pos = 2
+    values: list[str | None] = []
+    for _ in range(count):
+        (length,) = struct.unpack_from("!i", body, pos)
+        pos += 4
+        if length < 0:
+            values.append(None)
+        else:
+            values.append(body[pos : pos + length].decode())
+            pos += length
+    return values
+
+
+# -- authentication ----------------------------------------------------------------------
+
+
+def md5_password(user: str, password: str, salt: bytes) -> str:
+    inner = hashlib.md5((password + user).encode()).hexdigest()
+    return "md5" + hashlib.md5(inner.encode() + salt).hexdigest()
+
+
+class _ScramClient:
+    """RFC 5802 / 7677 client side, no channel binding, as libpq does without TLS."""
+
+    def __init__(self, password: str) -> None:
+        self.password = password.encode()
+        self.nonce = base64.b64encode(os.urandom(18)).decode()
+        self.client_first_bare = f"n=,r={self.nonce}"
+        self.server_signature = b""
+
+    def client_first(self) -> bytes:
+        return ("n,," + self.client_first_bare).encode()
+
+    def client_final(self, server_first: bytes) -> bytes:
+        text = server_first.decode()
+        attrs = dict(part.split("=", 1) for part in text.split(","))
+        nonce, salt, iterations = attrs["r"], base64.b64decode(attrs["s"]), int(attrs["i"])
+        if not nonce.startswith(self.nonce):
+            raise AssertionError("server nonce does not extend the client nonce")
+        salted = hashlib.pbkdf2_hmac("sha256", self.password, salt, iterations)
+        client_key = hmac.digest(salted, b"Client Key", "sha256")
+        stored_key = hashlib.sha256(client_key).digest()
+        without_proof = f"c=biws,r={nonce}"
+        auth_message = f"{self.client_first_bare},{text},{without_proof}".encode()
+        signature = hmac.digest(stored_key, auth_message, "sha256")
+        proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
+        server_key = hmac.digest(salted, b"Server Key", "sha256")
+        self.server_signature = hmac.digest(server_key, auth_message, "sha256")
+        return f"{without_proof},p={base64.b64encode(proof).decode()}".encode()
+
+    def verify_server_final(self, server_final: bytes) -> None:
+        text = server_final.decode()
+        if not text.startswith("v="):
+            raise AssertionError(f"SCRAM server-final without a verifier: {text!r}")
+        if base64.b64decode(text[2:]) != self.server_signature:
+            raise AssertionError("SCRAM server signature does not verify")
