@@ -57,6 +57,11 @@ log = logging.getLogger("pgmux.client")
 # Reasons a client's reading is paused (bit mask).
 PAUSE_WAITING = 1  # holds data for a server it does not have yet
 PAUSE_SERVER_FULL = 2  # its server's send buffer is full
+PAUSE_TERMINATING = 4  # sent Terminate; only replies to what came before are awaited
+
+# A client without a server may send this much before pgmux stops reading from it.
+# Below it, a queued client costs no pause/resume (two epoll_ctl calls) at all.
+HOLD_LIMIT = 64 * 1024
 
 # Login phases (all in ClientState.LOGIN).
 PHASE_STARTUP = 0
@@ -228,7 +233,7 @@ class ClientConnection(asyncio.Protocol):
                 # Let what it sent before Terminate finish, as PostgreSQL does; the
                 # relay closes the client once the last reply has gone out.
                 self.terminating = True
-                self.pause_reading(PAUSE_WAITING)
+                self.pause_reading(PAUSE_TERMINATING)
         elif copy_in and not fe.copy_in and fe.idle:
             # COPY FROM STDIN ended after the server had already answered (it failed
             # the copy early); nothing else will arrive to end the transaction.
@@ -259,7 +264,10 @@ class ClientConnection(asyncio.Protocol):
         """The pool hands this waiting client a server (called by Pool.release)."""
         link(self, server)
         self._sync_flow(server)
-        self._apply_settings(server)
+        if server.settings is self.settings and self.phase == PHASE_DONE:
+            self._relay_pending(server)
+        else:
+            self._apply_settings(server)
 
     def _apply_settings(self, server: ServerConnection) -> None:
         server.apply_settings(self.settings, lambda error: self._settings_applied(server, error))
@@ -288,6 +296,10 @@ class ClientConnection(asyncio.Protocol):
             server.settle(None)
             self._welcome()
             return
+        self._relay_pending(server)
+
+    def _relay_pending(self, server: ServerConnection) -> None:
+        """The server is ready for this client: send what it sent meanwhile."""
         server.relaying = True
         pending = self.pending
         self.pending = None
@@ -300,10 +312,16 @@ class ClientConnection(asyncio.Protocol):
                     self._forward(server, chunk)
 
     def _hold(self, data: bytes) -> None:
-        if self.pending is None:
+        """Keep data until a server is ready for it; stop reading past HOLD_LIMIT."""
+        pending = self.pending
+        if pending is None:
             self.pending = [data]
+            if len(data) < HOLD_LIMIT:
+                return
         else:
-            self.pending.append(data)
+            pending.append(data)
+            if sum(map(len, pending)) < HOLD_LIMIT:
+                return
         self.pause_reading(PAUSE_WAITING)
 
     def detach(self) -> None:
