@@ -90,6 +90,7 @@ class FrontendStream:
         "_hold",
         "_max_length",
         "_skip",
+        "broken",
         "copy_in",
         "copy_in_extended",
         "extended_open",
@@ -104,6 +105,7 @@ class FrontendStream:
         self.extended_open = False
         self.copy_in = False
         self.copy_in_extended = False
+        self.broken = False
 
     @property
     def idle(self) -> bool:
@@ -112,8 +114,9 @@ class FrontendStream:
 
     @property
     def mid_message(self) -> bool:
-        """Part of a message has been forwarded and the rest has not arrived."""
-        return self._skip > 0 or bool(self._hold)
+        """Part of a message has been forwarded and the rest has not arrived, or the
+        stream broke: either way the server cannot be told where the next message is."""
+        return self._skip > 0 or bool(self._hold) or self.broken
 
     def feed(self, data: bytes) -> tuple[bytes, int, bool]:
         """Scan a chunk. Returns ``(buf, end, terminated)``: forward ``buf[:end]``.
@@ -143,6 +146,7 @@ class FrontendStream:
             typ = data[pos]
             (length,) = _unpack_length(data, pos + 1)
             if length < 4 or length > max_length:
+                self.broken = True
                 raise ProtocolError(
                     f"invalid length {length} in client message of type {chr(typ)!r} "
                     f"(must be 4 to {max_length}, max_packet_size)"
@@ -165,6 +169,7 @@ class FrontendStream:
             elif kind == K_TERMINATE:
                 return data, pos, True
             elif kind == K_INVALID:
+                self.broken = True
                 raise ProtocolError(f"invalid frontend message type {chr(typ)!r}")
             end = pos + 1 + length
             if end > n:

@@ -160,7 +160,9 @@ class TestFrontendStream:
     def test_unknown_type_is_protocol_error(self, typ: bytes) -> None:
         fe = FrontendStream(MAX)
         with pytest.raises(ProtocolError, match="invalid frontend message type"):
-            fe.feed(typ + struct.pack("!I", 4))
+            fe.feed(QUERY + typ + struct.pack("!I", 4))
+        # Counted but never forwarded: the stream is broken, its server must be closed.
+        assert fe.mid_message
 
     def test_length_cap_is_max_packet_size(self) -> None:
         fe = FrontendStream(1024)
