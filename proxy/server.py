@@ -720,7 +720,8 @@ class ServerConnection(asyncio.Protocol):
                 ServerConnectionLost(
                     f'server connection for pool "{self.pool.name}" closed: {reason}'
                 ),
-                already_told=self.fatal,
+                # After a FATAL the client knows; mid-message, an error cannot be framed.
+                already_told=self.fatal or self.stream.mid_message,
             )
         self._close_transport()
 
