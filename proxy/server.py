@@ -348,17 +348,24 @@ class ServerConnection(asyncio.Protocol):
                 fe.on_ready_for_query()
                 self.tx_status = status
                 done = status == codes.TX_IDLE
-            elif typ == codes.B_PARAMETER_STATUS:
-                name, value = messages.parse_parameter_status(buf[start + 5 : stop])
-                self.params[name] = value
-                client.setting_reported(name, value)
-                self.settings = client.settings
-            elif typ == codes.B_ERROR_RESPONSE:
-                self._note_error(buf[start + 5 : stop])
-            elif typ == codes.B_COPY_IN_RESPONSE:
-                fe.on_copy_in_response()
+            else:
+                self._relay_event(client, typ, buf, start, stop)
         write(buf if end == len(buf) else memoryview(buf)[:end])
         self._after_relay(client, fe, done)
+
+    def _relay_event(
+        self, client: ClientConnection, typ: int, buf: bytes, start: int, stop: int
+    ) -> None:
+        """The interesting messages other than ReadyForQuery, while relaying."""
+        if typ == codes.B_PARAMETER_STATUS:
+            name, value = messages.parse_parameter_status(buf[start + 5 : stop])
+            self.params[name] = value
+            client.setting_reported(name, value)
+            self.settings = client.settings
+        elif typ == codes.B_ERROR_RESPONSE:
+            self._note_error(buf[start + 5 : stop])
+        elif typ == codes.B_COPY_IN_RESPONSE:
+            client.fe.on_copy_in_response()
 
     def _after_relay(self, client: ClientConnection, fe: FrontendStream, done: bool) -> None:
         if client.terminating:
@@ -411,15 +418,8 @@ class ServerConnection(asyncio.Protocol):
                     self._refuse_transaction(client, fe)
                     return
                 done = True
-            elif typ == codes.B_PARAMETER_STATUS:
-                name, value = messages.parse_parameter_status(buf[start + 5 : stop])
-                self.params[name] = value
-                client.setting_reported(name, value)
-                self.settings = client.settings
-            elif typ == codes.B_ERROR_RESPONSE:
-                self._note_error(buf[start + 5 : stop])
-            elif typ == codes.B_COPY_IN_RESPONSE:
-                fe.on_copy_in_response()
+            else:
+                self._relay_event(client, typ, buf, start, stop)
         write(view[cursor:end])
         self._after_relay(client, fe, done)
 

@@ -7,7 +7,8 @@ loads this file, and the helpers import as ``support.pgcluster`` / ``support.pgm
 - ``workdir``: a fresh directory under /tmp, removed after the test.
 - ``pgmux_factory``: ``start(overrides=None) -> PgmuxProcess``; each one gets its own
   sub-directory of ``workdir`` and is stopped after the test.
-- ``pgmux``: one pgmux with the default config.
+- ``pgmux``: one pgmux with the default config; ``pool1``: one with a pool of 1.
+- ``su``: a superuser connection to PostgreSQL itself (not through pgmux).
 
 When a test fails, the log of every pgmux it started is added to the failure report.
 """
@@ -18,11 +19,12 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import AsyncIterator, Generator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support.helpers import Su, superuser
 from support.pgcluster import PgCluster, free_port
 from support.pgmux import PgmuxFactory, PgmuxProcess, deep_merge, default_config
 
@@ -84,3 +86,16 @@ def pgmux_factory(
 @pytest.fixture
 def pgmux(pgmux_factory: PgmuxFactory) -> PgmuxProcess:
     return pgmux_factory()
+
+
+@pytest.fixture
+def pool1(pgmux_factory: PgmuxFactory) -> PgmuxProcess:
+    """pgmux with one server connection: whatever one client leaves behind, the next meets."""
+    return pgmux_factory({"default_pool_size": 1})
+
+
+@pytest.fixture
+async def su(pg: PgCluster) -> AsyncIterator[Su]:
+    conn = await superuser(pg)
+    yield conn
+    await conn.close()

@@ -6,37 +6,21 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import psycopg
 import pytest
 from support.helpers import (
+    Su,
     app_backends,
     connect_asyncpg,
     connect_psycopg,
     log_lines,
-    superuser,
     wait_until,
 )
-from support.pgcluster import PgCluster
-from support.pgmux import PgmuxFactory, PgmuxProcess
+from support.pgmux import PgmuxProcess
 from support.wire import RawClient, cancel_request
-
-Su = psycopg.AsyncConnection[Any]
-
-
-@pytest.fixture
-async def su(pg: PgCluster) -> AsyncIterator[Su]:
-    conn = await superuser(pg)
-    yield conn
-    await conn.close()
-
-
-@pytest.fixture
-def pool1(pgmux_factory: PgmuxFactory) -> PgmuxProcess:
-    return pgmux_factory({"default_pool_size": 1})
 
 
 async def _sleeping(su: Su) -> bool:

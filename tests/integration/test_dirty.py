@@ -11,32 +11,21 @@ import contextlib
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import asyncpg
-import psycopg
 import pytest
 from support.helpers import (
+    Su,
     app_backends,
     app_locks,
     connect_asyncpg,
     fetch_value,
     psql_process,
-    superuser,
     wait_until,
 )
 from support.pgcluster import APP_DB, APP_PASSWORD, APP_USER, PgCluster
 from support.pgmux import PgmuxFactory, PgmuxProcess
 from support.wire import RawClient, bind, copy_data, execute, flush, parse, query
-
-Su = psycopg.AsyncConnection[Any]
-
-
-@pytest.fixture
-async def su(pg: PgCluster) -> AsyncIterator[Su]:
-    conn = await superuser(pg)
-    yield conn
-    await conn.close()
 
 
 @pytest.fixture

@@ -86,7 +86,11 @@ def postgres_error(exc: BaseException) -> asyncpg.PostgresError:
     return exc
 
 
-async def superuser(pg: PgCluster) -> psycopg.AsyncConnection[TupleRow]:
+Su = psycopg.AsyncConnection[TupleRow]
+"""A superuser connection to PostgreSQL itself."""
+
+
+async def superuser(pg: PgCluster) -> Su:
     """A superuser autocommit connection to PostgreSQL itself (not through pgmux)."""
     kwargs = pg.superuser_kwargs()
     return await psycopg.AsyncConnection.connect(
