@@ -1,4 +1,5 @@
-"""Client and server authentication for pgmux: SCRAM-SHA-256, MD5 and SASLprep.
+"""Authentication for pgmux: SCRAM-SHA-256 (with channel binding), MD5, SASLprep, pg_hba.conf
+rules and PgBouncer's auth_file.
 
 Pure: this package imports only the standard library and never touches a socket, the
 event loop or logging. It turns the bytes of an authentication exchange into replies
@@ -6,7 +7,9 @@ and verdicts; the connection code moves the bytes and maps AuthError (SQLSTATE 2
 and AuthProtocolError (08P01) to ErrorResponses.
 """
 
+from .channel_binding import ChannelBindingError, certificate_hash, pem_to_der_certificates
 from .errors import AuthError, AuthProtocolError
+from .hba import HbaError, HbaRule, describe_no_match, describe_reject, match_hba, parse_hba
 from .md5 import is_md5_secret, md5_response, md5_secret, md5_verify
 from .saslprep import saslprep, scram_password_bytes
 from .scram import (
@@ -18,6 +21,7 @@ from .scram import (
     ScramSecret,
     ScramServerSession,
 )
+from .userlist import UserlistError, parse_userlist, secret_kind
 
 __all__ = [
     "DEFAULT_ITERATIONS",
@@ -26,13 +30,25 @@ __all__ = [
     "TLS_SERVER_END_POINT",
     "AuthError",
     "AuthProtocolError",
+    "ChannelBindingError",
+    "HbaError",
+    "HbaRule",
     "ScramClientSession",
     "ScramSecret",
     "ScramServerSession",
+    "UserlistError",
+    "certificate_hash",
+    "describe_no_match",
+    "describe_reject",
     "is_md5_secret",
+    "match_hba",
     "md5_response",
     "md5_secret",
     "md5_verify",
+    "parse_hba",
+    "parse_userlist",
+    "pem_to_der_certificates",
     "saslprep",
     "scram_password_bytes",
+    "secret_kind",
 ]
