@@ -3,7 +3,12 @@
 ``tests/`` has no ``__init__.py``, so pytest puts this directory on ``sys.path`` when it
 loads this file, and the helpers import as ``support.pgcluster`` / ``support.pgmux``.
 
-- ``pg``: the session's ``PgCluster`` (roles app/secret, md5user/md5secret, postgres).
+- ``pg``: the session's ``PgCluster`` (roles app/secret, md5user/md5secret, postgres,
+  passthru/ptsecret, expired/expsecret, authuser/authsecret: see ``support.pgcluster``).
+- ``certs``: the session's ``CertFiles`` (``support.certs``) in a directory under /tmp.
+- ``pg_tls``: a second session ``PgCluster`` with TLS on (``certs``' server certificate,
+  ``certs.ca_cert`` as ssl_ca_file) whose pg_hba.conf is ``TLS_ONLY_HBA``: over TCP only
+  TLS connections with SCRAM get in. Same roles as ``pg``. Started on first use only.
 - ``workdir``: a fresh directory under /tmp, removed after the test.
 - ``pgmux_factory``: ``start(overrides=None) -> PgmuxProcess``; each one gets its own
   sub-directory of ``workdir`` and is stopped after the test.
@@ -24,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.certs import CertFiles, make_certs
 from support.helpers import Su, superuser
-from support.pgcluster import PgCluster, free_port
+from support.pgcluster import TLS_ONLY_HBA, PgCluster, free_port
 from support.pgmux import PgmuxFactory, PgmuxProcess, deep_merge, default_config
 
 # Per-test list of the pgmux processes a test started, for the failure report.
@@ -48,6 +54,25 @@ def pytest_runtest_makereport(
 @pytest.fixture(scope="session")
 def pg() -> Iterator[PgCluster]:
     cluster = PgCluster.create()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture(scope="session")
+def certs() -> Iterator[CertFiles]:
+    path = Path(tempfile.mkdtemp(prefix="pgmux-certs-", dir="/tmp"))
+    os.chmod(path, 0o755)
+    try:
+        yield make_certs(path)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_tls(certs: CertFiles) -> Iterator[PgCluster]:
+    cluster = PgCluster.create(tls=certs, hba=TLS_ONLY_HBA)
     try:
         yield cluster
     finally:

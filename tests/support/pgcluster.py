@@ -7,6 +7,17 @@ directory that user owns. Roles made here are the fixed cast the tests rely on:
 - ``postgres``: superuser, trust over the unix socket only.
 - ``app`` / ``secret``: SCRAM-SHA-256, owns database ``app``.
 - ``md5user`` / ``md5secret``: stored as an md5 hash, md5 in pg_hba.
+- ``passthru`` / ``ptsecret``: SCRAM-SHA-256, owns nothing, may connect to ``app``.
+- ``expired`` / ``expsecret``: SCRAM-SHA-256, ``VALID UNTIL '2000-01-01'``: PostgreSQL
+  refuses its password.
+- ``authuser`` / ``authsecret``: SCRAM-SHA-256, may only EXECUTE ``AUTH_FUNCTION``, a
+  SECURITY DEFINER function in database ``app`` (owned by postgres) that returns
+  ``(usename, passwd)`` from ``pg_authid`` for one login role, like ``pg_shadow``, with
+  ``passwd`` NULL once the role's VALID UNTIL has passed: the auth_query target.
+
+``PgCluster.create(tls=CertFiles)`` turns TLS on (the server certificate, key and CA are
+copied into the data directory, owned by the server's OS user, the key mode 0600);
+``hba=`` replaces the default pg_hba.conf (``DEFAULT_HBA``).
 """
 
 from __future__ import annotations
@@ -22,10 +33,37 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import quote, urlencode
+
+if TYPE_CHECKING:
+    from .certs import CertFiles
 
 SUPERUSER = "postgres"
 APP_USER, APP_PASSWORD, APP_DB = "app", "secret", "app"
 MD5_USER, MD5_PASSWORD = "md5user", "md5secret"
+PASSTHRU_USER, PASSTHRU_PASSWORD = "passthru", "ptsecret"
+EXPIRED_USER, EXPIRED_PASSWORD = "expired", "expsecret"
+EXPIRED_VALID_UNTIL = "2000-01-01"
+AUTH_USER, AUTH_PASSWORD = "authuser", "authsecret"
+AUTH_FUNCTION = "public.pgmux_get_auth"
+AUTH_QUERY = f"SELECT usename, passwd FROM {AUTH_FUNCTION}($1)"
+
+DEFAULT_HBA = (
+    "local all all trust\n"
+    f"host all {MD5_USER} 127.0.0.1/32 md5\n"
+    "host all all 127.0.0.1/32 scram-sha-256\n"
+)
+TLS_ONLY_HBA = (
+    "local all all trust\n"
+    "hostssl all all 127.0.0.1/32 scram-sha-256\n"
+    "hostnossl all all 127.0.0.1/32 reject\n"
+)
+"""pg_hba.conf of the ``pg_tls`` fixture: over TCP only TLS connections get in, and only
+with SCRAM (so ``md5user``, whose password is stored as md5, cannot log in there)."""
+
+# Files ``tls=`` copies into the data directory, under these names.
+TLS_CERT_FILE, TLS_KEY_FILE, TLS_CA_FILE = "server.crt", "server.key", "ca.crt"
 
 
 def free_port() -> int:
@@ -82,6 +120,8 @@ class PgCluster:
     port: int
     host: str = "127.0.0.1"
     extra_conf: dict[str, str] = field(default_factory=dict)
+    tls: CertFiles | None = None
+    hba: str | None = None
 
     @property
     def datadir(self) -> Path:
@@ -98,13 +138,28 @@ class PgCluster:
     # -- lifecycle -------------------------------------------------------------------
 
     @classmethod
-    def create(cls, extra_conf: dict[str, str] | None = None) -> PgCluster:
+    def create(
+        cls,
+        extra_conf: dict[str, str] | None = None,
+        *,
+        tls: CertFiles | None = None,
+        hba: str | None = None,
+    ) -> PgCluster:
+        """initdb, start and make the roles of a new cluster on a free port.
+
+        ``tls``: serve TLS with ``tls.server_cert`` / ``tls.server_key`` and verify client
+        certificates against ``tls.ca_cert`` (ssl_ca_file). ``hba``: the whole content of
+        pg_hba.conf instead of ``DEFAULT_HBA``. ``extra_conf`` is applied last, so it can
+        override the TLS settings.
+        """
         base = Path(tempfile.mkdtemp(prefix="pgmux-pg-", dir="/tmp"))
         os.chmod(base, 0o700)
         if os.geteuid() == 0:
             pw = pwd.getpwnam("postgres")
             os.chown(base, pw.pw_uid, pw.pw_gid)
-        cluster = cls(find_pg_bindir(), base, free_port(), extra_conf=dict(extra_conf or {}))
+        cluster = cls(
+            find_pg_bindir(), base, free_port(), extra_conf=dict(extra_conf or {}), tls=tls, hba=hba
+        )
         try:
             cluster._initdb()
             cluster.start()
@@ -142,15 +197,37 @@ class PgCluster:
             "logging_collector": "off",
             "log_min_messages": "warning",
         }
+        if self.tls is not None:
+            self._install_tls_files(self.tls)
+            conf.update({
+                "ssl": "on",
+                "ssl_cert_file": f"'{TLS_CERT_FILE}'",
+                "ssl_key_file": f"'{TLS_KEY_FILE}'",
+                "ssl_ca_file": f"'{TLS_CA_FILE}'",
+            })  # fmt: skip
         conf.update(self.extra_conf)
         with open(self.datadir / "postgresql.conf", "a") as f:
             for key, value in conf.items():
                 f.write(f"{key} = {value}\n")
-        (self.datadir / "pg_hba.conf").write_text(
-            "local all all trust\n"
-            f"host all {MD5_USER} 127.0.0.1/32 md5\n"
-            "host all all 127.0.0.1/32 scram-sha-256\n"
-        )
+        (self.datadir / "pg_hba.conf").write_text(DEFAULT_HBA if self.hba is None else self.hba)
+
+    def _install_tls_files(self, tls: CertFiles) -> None:
+        """Copy the server's certificate, key and CA into the data directory.
+
+        PostgreSQL refuses a key file it does not own (or root) with group or world
+        access, so each copy is owned by the server's OS user, the key mode 0600.
+        """
+        owner = pwd.getpwnam("postgres") if os.geteuid() == 0 else None
+        for source, name, mode in (
+            (tls.server_cert, TLS_CERT_FILE, 0o644),
+            (tls.server_key, TLS_KEY_FILE, 0o600),
+            (tls.ca_cert, TLS_CA_FILE, 0o644),
+        ):
+            target = self.datadir / name
+            target.write_bytes(Path(source).read_bytes())
+            os.chmod(target, mode)
+            if owner is not None:
+                os.chown(target, owner.pw_uid, owner.pw_gid)
 
     def start(self) -> None:
         self._run([
@@ -182,6 +259,29 @@ class PgCluster:
             dbname="postgres",
         )
         self.psql(f"GRANT ALL ON SCHEMA public TO {MD5_USER};", dbname=APP_DB)
+        self.psql(
+            f"CREATE ROLE {PASSTHRU_USER} LOGIN PASSWORD '{PASSTHRU_PASSWORD}';"
+            f"GRANT CONNECT ON DATABASE {APP_DB} TO {PASSTHRU_USER};"
+            f"CREATE ROLE {EXPIRED_USER} LOGIN PASSWORD '{EXPIRED_PASSWORD}'"
+            f" VALID UNTIL '{EXPIRED_VALID_UNTIL}';"
+            f"CREATE ROLE {AUTH_USER} LOGIN PASSWORD '{AUTH_PASSWORD}';",
+            dbname="postgres",
+        )
+        # The auth_query function, the way PgBouncer's docs do it: SECURITY DEFINER, owned
+        # by the superuser, executable by AUTH_USER alone. Login roles only, as pg_shadow.
+        self.psql(
+            f"CREATE FUNCTION {AUTH_FUNCTION}(username text)"
+            " RETURNS TABLE(usename name, passwd text)"
+            " LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp"
+            " AS $$"
+            " SELECT a.rolname, CASE WHEN a.rolvaliduntil IS NULL OR a.rolvaliduntil >= now()"
+            " THEN a.rolpassword END"
+            " FROM pg_catalog.pg_authid a WHERE a.rolname = username AND a.rolcanlogin"
+            " $$;"
+            f"REVOKE ALL ON FUNCTION {AUTH_FUNCTION}(text) FROM PUBLIC;"
+            f"GRANT EXECUTE ON FUNCTION {AUTH_FUNCTION}(text) TO {AUTH_USER};",
+            dbname=APP_DB,
+        )
 
     # -- access ----------------------------------------------------------------------
 
@@ -194,8 +294,21 @@ class PgCluster:
         ])  # fmt: skip
         return out.stdout.strip()
 
-    def dsn(self, user: str = APP_USER, password: str = APP_PASSWORD, dbname: str = APP_DB) -> str:
-        return f"postgresql://{user}:{password}@{self.host}:{self.port}/{dbname}"
+    def dsn(
+        self,
+        user: str = APP_USER,
+        password: str = APP_PASSWORD,
+        dbname: str = APP_DB,
+        **params: str | int,
+    ) -> str:
+        """A ``postgresql://`` URL over TCP; extra keyword arguments become the query."""
+        url = (
+            f"postgresql://{quote(user, safe='')}:{quote(password, safe='')}"
+            f"@{self.host}:{self.port}/{quote(dbname, safe='')}"
+        )
+        if params:
+            url += "?" + urlencode({key: str(value) for key, value in params.items()})
+        return url
 
     def superuser_kwargs(self, dbname: str = APP_DB) -> dict[str, object]:
         """asyncpg/psycopg keyword arguments for a superuser connection over the socket."""
@@ -204,8 +317,13 @@ class PgCluster:
 
 
 @contextlib.contextmanager
-def running_cluster(extra_conf: dict[str, str] | None = None) -> Iterator[PgCluster]:
-    cluster = PgCluster.create(extra_conf)
+def running_cluster(
+    extra_conf: dict[str, str] | None = None,
+    *,
+    tls: CertFiles | None = None,
+    hba: str | None = None,
+) -> Iterator[PgCluster]:
+    cluster = PgCluster.create(extra_conf, tls=tls, hba=hba)
     try:
         yield cluster
     finally:
