@@ -11,6 +11,7 @@ from collections.abc import Callable
 from . import __version__
 from .app import App
 from .config import ConfigError, load_config
+from .tls import client_facing_context, server_facing_context
 
 log = logging.getLogger("pgmux")
 
@@ -28,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = load_config(args.config)
+        # TLS files are loaded here too, so --check catches a bad key or certificate.
+        client_facing_context(config)
+        server_facing_context(config)
     except ConfigError as exc:
         print(f"pgmux: invalid configuration: {exc}", file=sys.stderr)
         return 1

@@ -11,15 +11,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 
+from .admin import AdminSession
+from .auth_query import AuthQuery
 from .client import ClientConnection
 from .config import Config
 from .errors import ShuttingDown
 from .janitor import run_janitor
 from .pool import ClientState, Registry
 from .server import open_server
+from .tls import channel_binding_hash, client_facing_context, server_facing_context
 
 log = logging.getLogger("pgmux")
 
@@ -42,9 +46,17 @@ class App:
 
     async def startup(self) -> None:
         loop = asyncio.get_running_loop()
-        registry = self.registry = Registry(self.config, loop)
-        registry.open_server = lambda pool: open_server(registry, pool)
         config = self.config
+        registry = self.registry = Registry(
+            config,
+            loop,
+            client_tls=client_facing_context(config),
+            server_tls=server_facing_context(config),
+            client_tls_cert_hash=channel_binding_hash(config),
+        )
+        registry.open_server = lambda pool: open_server(registry, pool)
+        registry.open_admin = AdminSession
+        registry.auth_query = AuthQuery(registry)
         hosts = [h.strip() for h in config.listen_addr.split(",") if h.strip()]
         for host in hosts:
             bind = None if host == "*" else host
@@ -54,6 +66,14 @@ class App:
                 config.listen_port,
                 backlog=config.listen_backlog,
                 reuse_address=True,
+            )
+            self.listeners.append(listener)
+        if config.unix_socket_dir:
+            path = f"{config.unix_socket_dir}/.s.PGSQL.{config.listen_port}"
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # left behind by a previous run that was killed
+            listener = await loop.create_unix_server(
+                lambda: ClientConnection(registry), path, backlog=config.listen_backlog
             )
             self.listeners.append(listener)
         addresses = ", ".join(

@@ -1,10 +1,10 @@
-"""Client connections: startup, login, and relaying a client's requests to its server.
+"""Client connections: their session after login, and relaying requests to a server.
 
-Login is answered by pgmux itself: authentication against the configured users, then
-the pool's cached ParameterStatus values and a pgmux-made BackendKeyData, so most
-logins never touch PostgreSQL. Afterwards each chunk a client sends is scanned by its
-FrontendStream and written unchanged to the server it holds; a client holding none
-asks its pool for one first. Errors pgmux makes reach clients only via ``send_error``.
+Login (``login.py``) ends here: the welcome is answered by pgmux itself from the pool's
+cached ParameterStatus values with a pgmux-made BackendKeyData, so most logins never
+touch PostgreSQL. Afterwards each chunk a client sends is scanned by its FrontendStream
+and written unchanged to the server it holds; a client holding none asks its pool for
+one first. Errors pgmux makes reach clients only via ``send_error``.
 """
 
 from __future__ import annotations
@@ -12,37 +12,16 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import os
-import re
 import time
-from typing import cast
+from typing import Any, cast
 
-from .auth import AuthError, AuthProtocolError, ScramSecret, ScramServerSession, md5_verify
-from .errors import (
-    AuthenticationFailed,
-    AuthorizationFailed,
-    FeatureNotSupported,
-    InvalidParameter,
-    LoginTimeout,
-    ProtocolViolation,
-    ProxyError,
-    ShuttingDown,
-    TooManyConnections,
-    UnknownDatabase,
-)
+from .config import DatabaseConfig
+from .errors import InvalidParameter, LoginTimeout, ProtocolViolation, ProxyError, ShuttingDown
+from .login import Login
 from .pool import ClientState, Pool, Registry, ServerState, Settings, link, unlink
 from .protocol import codes, messages
 from .protocol.errors import ProtocolError
-from .protocol.reader import MessageReader
-from .protocol.startup import (
-    CancelRequest,
-    GSSENCRequest,
-    SSLRequest,
-    StartupMessage,
-    StartupPacket,
-    parse_options,
-    parse_startup_packet,
-)
+from .protocol.startup import CancelRequest
 from .protocol.stream import FrontendStream
 from .server import (
     PAUSE_CLIENT_FULL,
@@ -51,6 +30,7 @@ from .server import (
     ServerConnection,
     tune_socket,
 )
+from .users import Credential
 
 log = logging.getLogger("pgmux.client")
 
@@ -63,40 +43,29 @@ PAUSE_TERMINATING = 4  # sent Terminate; only replies to what came before are aw
 # Below it, a queued client costs no pause/resume (two epoll_ctl calls) at all.
 HOLD_LIMIT = 64 * 1024
 
-# Login phases (all in ClientState.LOGIN).
-PHASE_STARTUP = 0
-PHASE_MD5 = 1
-PHASE_SASL_FIRST = 2
-PHASE_SASL_FINAL = 3
-PHASE_WAIT = 4  # authenticated; waiting for a server to learn or check settings
-PHASE_DONE = 5
-
-# Startup parameters that are not session settings.
-_NOT_SETTINGS = frozenset(("user", "database", "options", "replication"))
 # Reported parameters a client can change with SET: followed from ParameterStatus.
 _TRACKED = frozenset((
     "application_name", "client_encoding", "datestyle", "default_transaction_read_only",
     "intervalstyle", "search_path", "standard_conforming_strings", "timezone",
 ))  # fmt: skip
-_SETTING_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)*\Z")
 
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "addr",
-        "auth",
+        "admin",
         "cancel_key",
         "cancel_pid",
         "connected_at",
         "dbname",
         "fe",
+        "host",
         "id",
-        "md5_salt",
+        "is_unix",
+        "login",
         "paused",
         "pending",
-        "phase",
         "pool",
-        "reader",
         "registry",
         "server",
         "settings",
@@ -106,6 +75,8 @@ class ClientConnection(asyncio.Protocol):
         "transport",
         "user",
         "wait_started",
+        "watch",
+        "welcomed",
         "write_paused",
     )
 
@@ -113,26 +84,29 @@ class ClientConnection(asyncio.Protocol):
         self.registry = registry
         self.id = registry.new_client_id()
         self.state = ClientState.LOGIN
-        self.phase = PHASE_STARTUP
+        self.login: Login | None = Login(self)
+        self.welcomed = False
+        self.admin: Any = None
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.addr = "?"
+        self.host = ""
+        self.is_unix = False
         self.user = "?"
         self.dbname = "?"
         self.pool: Pool = None  # type: ignore[assignment]
         self.server: ServerConnection | None = None
         self.fe = FrontendStream(registry.config.max_packet_size)
-        self.reader: MessageReader | None = MessageReader(10000)
         self.settings: Settings = ()
         self.pending: list[bytes] | None = None
         self.paused = 0
         self.write_paused = False
         self.timer: asyncio.TimerHandle | None = None
-        self.auth: ScramServerSession | str | None = None
-        self.md5_salt = b""
         self.cancel_pid = 0
         self.cancel_key = 0
         self.wait_started = 0.0
         self.terminating = False
+        # The janitor's note for client timeouts: ((condition, sent, answered), since, acted).
+        self.watch: tuple[tuple[str, int, int], float, bool] | None = None
         self.connected_at = time.monotonic()
 
     def __repr__(self) -> str:
@@ -146,10 +120,10 @@ class ClientConnection(asyncio.Protocol):
         self.registry.clients.add(self)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
+            self.host = str(peer[0])
             self.addr = f"{peer[0]}:{peer[1]}"
-        elif peer:
-            self.addr = str(peer)
         else:
+            self.is_unix = True
             self.addr = "unix"
         tune_socket(transport, self.registry.config.tcp_keepalive)
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
@@ -164,7 +138,10 @@ class ClientConnection(asyncio.Protocol):
         elif self.state is ClientState.IDLE:
             self._start_request(data)
         elif self.state is ClientState.LOGIN:
-            self._login_received(data)
+            if self.login is not None:
+                self.login.data_received(data)
+        elif self.state is ClientState.ADMIN:
+            self.admin.data_received(data)
         elif self.state is not ClientState.CLOSED:
             self._hold(data)  # waiting for a server, or the server runs pgmux's own query
 
@@ -204,7 +181,7 @@ class ClientConnection(asyncio.Protocol):
                 server.settle(
                     self.fe, reset=self.pool.mode == "session", cancel=not self.terminating
                 )
-        if self.phase == PHASE_DONE and registry.config.log_disconnections:
+        if self.welcomed and registry.config.log_disconnections:
             log.info(
                 "%s: closing (%s), connected %.1f s",
                 self,
@@ -264,7 +241,7 @@ class ClientConnection(asyncio.Protocol):
         """The pool hands this waiting client a server (called by Pool.release)."""
         link(self, server)
         self._sync_flow(server)
-        if server.settings is self.settings and self.phase == PHASE_DONE:
+        if server.settings is self.settings and self.welcomed:
             self._relay_pending(server)
         else:
             self._apply_settings(server)
@@ -291,7 +268,7 @@ class ClientConnection(asyncio.Protocol):
                 )
             )
             return
-        if self.phase != PHASE_DONE:
+        if not self.welcomed:
             self.detach()
             server.settle(None)
             self._welcome()
@@ -383,7 +360,7 @@ class ClientConnection(asyncio.Protocol):
         ReadyForQuery so the session carries on.
         """
         severity = "FATAL" if fatal else "ERROR"
-        if fatal or self.phase != PHASE_DONE:
+        if fatal or not self.welcomed:
             log.warning("%s: %s %s: %s", self, severity, error.sqlstate, error.message)
         else:
             log.info("%s: %s %s: %s", self, severity, error.sqlstate, error.message)
@@ -405,169 +382,12 @@ class ClientConnection(asyncio.Protocol):
         """The pool gave up finding a server for this client (called by the pool)."""
         self.fail(error)
 
-    # -- login --------------------------------------------------------------------------
+    # -- after login ---------------------------------------------------------------------
 
-    def _login_received(self, data: bytes) -> None:
-        reader = self.reader
-        if reader is None:
-            return
-        reader.feed(data)
-        try:
-            while self.state is ClientState.LOGIN and not self.transport.is_closing():
-                if self.phase == PHASE_STARTUP:
-                    packet = reader.next_startup_packet()
-                    if packet is None:
-                        return
-                    self._startup(parse_startup_packet(packet))
-                elif self.phase == PHASE_WAIT:
-                    return  # pipelined after the password; handled after the welcome
-                else:
-                    msg = reader.next_message()
-                    if msg is None:
-                        return
-                    typ, body = msg
-                    if typ != codes.F_PASSWORD:
-                        raise ProtocolViolation(
-                            f"expected a password message during login, got {chr(typ)!r}"
-                        )
-                    self._auth_response(body)
-        except ProtocolError as exc:
-            self.fail(ProtocolViolation(str(exc)))
-        except AuthProtocolError as exc:
-            self.fail(ProtocolViolation(f"malformed SASL message: {exc}"))
-        except AuthError:
-            self.fail(self._password_failed())
-        except ProxyError as exc:
-            self.fail(exc)
-
-    def _startup(self, packet: StartupPacket) -> None:
-        if isinstance(packet, SSLRequest | GSSENCRequest):
-            self.transport.write(b"N")  # no encryption; the client goes on in plaintext
-            return
-        if isinstance(packet, CancelRequest):
-            self._cancel_request(packet)
-            return
-        assert isinstance(packet, StartupMessage)
-        self._check_startup(packet)
-
-    def _check_startup(self, packet: StartupMessage) -> None:
-        if packet.major != 3:
-            raise FeatureNotSupported(
-                f"unsupported frontend protocol {packet.major}.{packet.minor}: "
-                "pgmux supports protocol 3.0"
-            )
-        params = packet.params
-        unknown_options = [name for name in params if name.startswith("_pq_.")]
-        if packet.minor > 0 or unknown_options:
-            self.transport.write(messages.negotiate_protocol_version(0, unknown_options))
-        user = params.get("user")
-        if not user:
-            raise AuthorizationFailed("no PostgreSQL user name specified in startup packet")
-        self.user = user
-        self.dbname = params.get("database") or user
-        if params.get("replication", "false").lower() not in ("false", "off", "no", "0"):
-            raise FeatureNotSupported(
-                "replication connections are not supported through pgmux; "
-                "connect to PostgreSQL directly for replication"
-            )
-        settings: dict[str, str] = {}
-        for name, value in params.items():
-            if name not in _NOT_SETTINGS and not name.startswith("_pq_."):
-                settings[name.lower()] = value
-        if "options" in params:
-            try:
-                options = parse_options(params["options"])
-            except ValueError as exc:
-                raise InvalidParameter(f"invalid options startup parameter: {exc}") from None
-            for name, value in options.items():
-                settings[name.lower()] = value
-        for name in settings:
-            if not _SETTING_NAME.match(name):
-                raise InvalidParameter(f"invalid configuration parameter name {name!r}")
-        if "application_name" in settings:
-            settings["application_name"] = clean_application_name(settings["application_name"])
-        self.settings = tuple(sorted(settings.items()))
+    def start_session(self, database: DatabaseConfig, credential: Credential | None) -> None:
+        """Authenticated for ``database``: join its pool and say welcome (called by Login)."""
         registry = self.registry
-        config = registry.config
-        if registry.shutting_down:
-            raise ShuttingDown("pooler is shutting down; reconnect to another instance")
-        if len(registry.clients) > config.max_client_conn:
-            raise TooManyConnections(
-                f"no more connections allowed (max_client_conn): {len(registry.clients) - 1} "
-                f"of {config.max_client_conn} client connections in use",
-                hint="raise max_client_conn in the pgmux config, or close idle clients",
-            )
-        self._begin_auth()
-
-    def _begin_auth(self) -> None:
-        config = self.registry.config
-        if config.auth_type == "trust":
-            self._authenticated()
-            return
-        user_config = config.users.get(self.user)
-        password = user_config.password if user_config is not None else None
-        if config.auth_type == "md5":
-            self.md5_salt = os.urandom(4)
-            self.auth = password
-            self.phase = PHASE_MD5
-            self.transport.write(messages.authentication_md5(self.md5_salt))
-            return
-        secret, mock = self._scram_secret(password)
-        self.auth = ScramServerSession(secret, mock=mock)
-        self.phase = PHASE_SASL_FIRST
-        self.transport.write(messages.authentication_sasl(list(self.auth.mechanisms)))
-
-    def _scram_secret(self, password: str | None) -> tuple[ScramSecret, bool]:
-        """The user's SCRAM secret (PBKDF2 once per user and password), or a mock one.
-
-        An unknown user gets a made-up secret and an exchange that looks the same and
-        then fails, as PostgreSQL does, so user names cannot be probed.
-        """
-        cache = self.registry.auth_cache
-        if password is None:
-            return ScramSecret.mock(self.user, self.registry.mock_key), True
-        cached = cache.get(self.user)
-        if cached is not None and cached[0] == password:
-            return cached[1], False
-        secret = ScramSecret.from_password(password)
-        cache[self.user] = (password, secret)
-        return secret, False
-
-    def _auth_response(self, body: bytes) -> None:
-        if self.phase == PHASE_MD5:
-            response = messages.parse_password_message(body)
-            password = self.auth if isinstance(self.auth, str) else None
-            self.auth = None
-            if password is None or not md5_verify(self.user, password, self.md5_salt, response):
-                raise self._password_failed()
-            self._authenticated()
-            return
-        session = self.auth
-        assert isinstance(session, ScramServerSession)
-        if self.phase == PHASE_SASL_FIRST:
-            mechanism, data = messages.parse_sasl_initial_response(body)
-            reply = session.handle_client_first(mechanism, data)
-            self.phase = PHASE_SASL_FINAL
-            self.transport.write(messages.authentication_sasl_continue(reply))
-        else:
-            reply = session.handle_client_final(body)
-            self.auth = None
-            self.transport.write(messages.authentication_sasl_final(reply))
-            self._authenticated()
-
-    def _password_failed(self) -> ProxyError:
-        return AuthenticationFailed(f'password authentication failed for user "{self.user}"')
-
-    def _authenticated(self) -> None:
-        registry = self.registry
-        database = registry.config.databases.get(self.dbname)
-        if database is None:
-            raise UnknownDatabase(
-                f'no such database: "{self.dbname}"',
-                hint="pgmux serves the databases configured as [databases.NAME]: "
-                + ", ".join(sorted(registry.config.databases)),
-            )
-        pool = self.pool = registry.pool_for(database, self.user)
+        pool = self.pool = registry.pool_for(database, self.user, credential)
         self.settings = pool.intern(self.settings)
         error = pool.login_retry_error()
         if error is not None:
@@ -582,10 +402,23 @@ class ClientConnection(asyncio.Protocol):
             return
         # The pool has not yet learned the server's parameters, or these settings were
         # never tried: take a server once to learn and check them.
-        self.phase = PHASE_WAIT
         server = cast("ServerConnection | None", pool.acquire(self))
         if server is not None:
             self.assign_server(server)
+
+    def start_admin(self) -> None:
+        """Authenticated for the admin console (called by Login)."""
+        self._cancel_timer()
+        self.welcomed = True
+        self.state = ClientState.ADMIN
+        self.cancel_pid, self.cancel_key = self.registry.register_cancel_key(self)
+        rest = self.login.take_rest() if self.login is not None else b""
+        self.login = None
+        self.admin = self.registry.open_admin(self)
+        if self.registry.config.log_connections:
+            log.info("%s: admin console login ok", self)
+        if rest:
+            self.admin.data_received(rest)
 
     def _can_welcome(self, pool: Pool) -> bool:
         if pool.params is None:
@@ -598,7 +431,7 @@ class ClientConnection(asyncio.Protocol):
         pool = self.pool
         assert pool.params is not None
         self._cancel_timer()
-        self.phase = PHASE_DONE
+        self.welcomed = True
         self.state = ClientState.IDLE
         welcome = pool.welcome_cache.get(self.settings)
         if welcome is None:
@@ -625,9 +458,8 @@ class ClientConnection(asyncio.Protocol):
         )
         if self.registry.config.log_connections:
             log.info("%s: login ok%s", self, _describe_settings(self.settings))
-        reader = self.reader
-        self.reader = None
-        rest = reader.take_rest() if reader is not None else b""
+        rest = self.login.take_rest() if self.login is not None else b""
+        self.login = None
         pending = self.pending
         self.pending = None
         self.resume_reading(PAUSE_WAITING)
@@ -655,9 +487,8 @@ class ClientConnection(asyncio.Protocol):
 
     # -- cancel ---------------------------------------------------------------------------
 
-    def _cancel_request(self, request: CancelRequest) -> None:
+    def cancel_request(self, request: CancelRequest) -> None:
         """A CancelRequest: cancel the target's running query, if it is running one."""
-        self.phase = PHASE_DONE + 1  # not a session; no login or logout lines
         self.close()
         target = self.registry.cancel_keys.get(request.pid)
         if target is None or not hmac.compare_digest(
@@ -705,12 +536,6 @@ class ClientConnection(asyncio.Protocol):
     def _restore_flow(self, server: ServerConnection) -> None:
         server.resume_reading(PAUSE_CLIENT_FULL)
         self.resume_reading(PAUSE_SERVER_FULL)
-
-
-def clean_application_name(value: str) -> str:
-    """What PostgreSQL 15 stores: printable ASCII only (others become '?'), 63 bytes."""
-    cleaned = "".join(ch if 32 <= ord(ch) <= 126 else "?" for ch in value)
-    return cleaned[:63]
 
 
 def _describe_settings(settings: Settings) -> str:

@@ -13,9 +13,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .auth.hba import HbaError, HbaRule, parse_hba
+from .auth.userlist import UserlistError, parse_userlist
+
 POOL_MODES = ("session", "transaction", "statement")
-AUTH_TYPES = ("trust", "md5", "scram-sha-256")
+AUTH_TYPES = ("trust", "plain", "md5", "scram-sha-256", "cert", "hba")
+SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# Virtual databases that reach pgmux's admin console instead of PostgreSQL.
+ADMIN_DATABASES = ("pgbouncer", "pgmux")
+DEFAULT_AUTH_QUERY = (
+    "SELECT rolname, CASE WHEN rolvaliduntil < pg_catalog.now() THEN NULL ELSE rolpassword END "
+    "FROM pg_catalog.pg_authid WHERE rolname = $1 AND rolcanlogin"
+)
 
 T = TypeVar("T")
 
@@ -47,11 +57,33 @@ class DatabaseConfig:
 
 @dataclass(frozen=True, slots=True)
 class UserConfig:
-    """A ``[users.NAME]`` entry: the client login and, by default, the server login."""
+    """A ``[users.NAME]`` entry: the client login and, by default, the server login.
+
+    ``password`` is plaintext, an md5 hash (``md5...``) or a SCRAM secret
+    (``SCRAM-SHA-256$...``), as PostgreSQL stores it. The other fields override the
+    global or per-database value for this user's pools and connections.
+    """
 
     name: str
     password: str | None = None
     pool_mode: str | None = None
+    pool_size: int | None = None
+    query_wait_timeout: float | None = None
+    client_idle_timeout: float | None = None
+    idle_transaction_timeout: float | None = None
+    query_timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TLSConfig:
+    """One leg's TLS settings (``client_tls_*`` or ``server_tls_*``)."""
+
+    sslmode: str = "disable"
+    key_file: str = ""
+    cert_file: str = ""
+    ca_file: str = ""
+    protocols: str = "secure"
+    ciphers: str = "default"
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +107,18 @@ class Config:
     shutdown_timeout: float = 30.0
     max_packet_size: int = 2147483647
     auth_type: str = "scram-sha-256"
+    auth_file: str = ""
+    auth_hba_file: str = ""
+    auth_user: str = ""
+    auth_query: str = DEFAULT_AUTH_QUERY
+    auth_dbname: str = ""
+    auth_query_cache_ttl: float = 10.0
+    client_idle_timeout: float = 0.0
+    idle_transaction_timeout: float = 0.0
+    query_timeout: float = 0.0
+    unix_socket_dir: str = ""
+    client_tls: TLSConfig = field(default_factory=TLSConfig)
+    server_tls: TLSConfig = field(default_factory=lambda: TLSConfig(sslmode="prefer"))
     admin_users: tuple[str, ...] = ()
     stats_users: tuple[str, ...] = ()
     log_level: str = "info"
@@ -84,6 +128,9 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     databases: Mapping[str, DatabaseConfig] = field(default_factory=dict)
     users: Mapping[str, UserConfig] = field(default_factory=dict)
+    # Parsed contents of auth_file and auth_hba_file (read at load, like PgBouncer).
+    auth_file_users: Mapping[str, str] = field(default_factory=dict)
+    hba_rules: tuple[HbaRule, ...] = ()
 
     def pool_mode_for(self, database: DatabaseConfig, user: str) -> str:
         """The user's pool_mode, else the database's, else the global one."""
@@ -92,8 +139,24 @@ class Config:
             return user_config.pool_mode
         return database.pool_mode or self.pool_mode
 
-    def pool_size_for(self, database: DatabaseConfig) -> int:
-        return database.pool_size if database.pool_size is not None else self.default_pool_size
+    def pool_size_for(self, database: DatabaseConfig, user: str = "") -> int:
+        """The user's pool_size, else the database's, else default_pool_size (PgBouncer's
+        order: a [users] pool_size applies to all of that user's pools)."""
+        user_config = self.users.get(user)
+        if user_config is not None and user_config.pool_size is not None:
+            return user_config.pool_size
+        if database.pool_size is not None:
+            return database.pool_size
+        return self.default_pool_size
+
+    def timeout_for(self, name: str, user: str) -> float:
+        """A per-user timeout override, else the global value (seconds, 0 = off)."""
+        user_config = self.users.get(user)
+        if user_config is not None:
+            value = getattr(user_config, name)
+            if value is not None:
+                return float(value)
+        return float(getattr(self, name))
 
     def min_pool_size_for(self, database: DatabaseConfig) -> int:
         if database.min_pool_size is not None:
@@ -144,6 +207,18 @@ def parse_config(raw: Mapping[str, Any], path: str = "<config>") -> Config:
     values["server_reset_query"] = reader.string("server_reset_query", "DISCARD ALL")
     values["max_packet_size"] = reader.integer("max_packet_size", 2147483647, 1024, 2147483647)
     values["auth_type"] = reader.choice("auth_type", defaults.auth_type, AUTH_TYPES)
+    for name in ("auth_file", "auth_hba_file", "auth_user", "auth_dbname", "unix_socket_dir"):
+        values[name] = reader.string(name, "")
+    values["auth_query"] = reader.string("auth_query", DEFAULT_AUTH_QUERY, nonempty=True)
+    for name in (
+        "auth_query_cache_ttl",
+        "client_idle_timeout",
+        "idle_transaction_timeout",
+        "query_timeout",
+    ):
+        values[name] = reader.seconds(name, getattr(defaults, name))
+    values["client_tls"] = _tls(reader, "client_tls_", "disable")
+    values["server_tls"] = _tls(reader, "server_tls_", "prefer")
     values["admin_users"] = reader.string_list("admin_users")
     values["stats_users"] = reader.string_list("stats_users")
     values["log_level"] = reader.choice("log_level", "info", LOG_LEVELS)
@@ -170,7 +245,100 @@ def parse_config(raw: Mapping[str, Any], path: str = "<config>") -> Config:
         raise ConfigError(
             f"{path}: databases: no [databases.NAME] section; clients would have nowhere to go"
         )
-    return Config(**values)
+    for name in ADMIN_DATABASES:
+        if name in databases:
+            raise ConfigError(
+                f"{path}: databases.{name}: the name is reserved for pgmux's admin console"
+            )
+    base = Path(path).parent
+    if values["auth_file"]:
+        values["auth_file_users"] = _read_userlist(path, base, values["auth_file"])
+    if values["auth_type"] == "hba" and not values["auth_hba_file"]:
+        raise ConfigError(f'{path}: auth_hba_file: required when auth_type = "hba"')
+    if values["auth_hba_file"]:
+        values["hba_rules"] = tuple(_read_hba(path, base, values["auth_hba_file"]))
+    config = Config(**values)
+    _check_auth(config)
+    return config
+
+
+def _read_file(path: str, base: Path, key: str, name: str) -> tuple[Path, str]:
+    file = base / name
+    try:
+        return file, file.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: {key}: cannot read {file}: {exc.strerror}") from None
+
+
+def _read_userlist(path: str, base: Path, name: str) -> dict[str, str]:
+    file, text = _read_file(path, base, "auth_file", name)
+    try:
+        return parse_userlist(text, str(file))
+    except UserlistError as exc:
+        raise ConfigError(f"{path}: auth_file: {exc}") from None
+
+
+def _read_hba(path: str, base: Path, name: str) -> list[HbaRule]:
+    file, text = _read_file(path, base, "auth_hba_file", name)
+    try:
+        return parse_hba(text, str(file))
+    except HbaError as exc:
+        raise ConfigError(f"{path}: auth_hba_file: {exc}") from None
+
+
+def _check_auth(config: Config) -> None:
+    """Combinations that cannot work are refused at load time, not at first login."""
+    path = config.path
+    tls = config.client_tls
+    methods = {config.auth_type} | {rule.method for rule in config.hba_rules}
+    if any(rule.options for rule in config.hba_rules):
+        methods.add("cert")
+    if "cert" in methods and not tls.ca_file:
+        raise ConfigError(
+            f"{path}: auth_type: cert authentication needs client certificates: set "
+            "client_tls_ca_file (and client_tls_sslmode, key and cert)"
+        )
+    for rule in config.hba_rules:
+        for name, value in rule.options:
+            if name != "clientcert" or value not in ("verify-ca", "verify-full"):
+                raise ConfigError(
+                    f"{path}: auth_hba_file: line {rule.line}: unsupported option {name!r} "
+                    "(pgmux supports clientcert=verify-ca and clientcert=verify-full)"
+                )
+    if config.auth_user:
+        user = config.auth_user
+        if user not in config.users and user not in config.auth_file_users:
+            raise ConfigError(
+                f"{path}: auth_user: {user!r} needs a password: add [users.{user}] "
+                "or a line in auth_file"
+            )
+    if config.auth_dbname and config.auth_dbname not in config.databases:
+        raise ConfigError(
+            f"{path}: auth_dbname: {config.auth_dbname!r} is not one of the [databases] "
+            f"({', '.join(sorted(config.databases))})"
+        )
+
+
+def _tls(reader: _Reader, prefix: str, default_mode: str) -> TLSConfig:
+    config = TLSConfig(
+        sslmode=reader.choice(prefix + "sslmode", default_mode, SSLMODES),
+        key_file=reader.string(prefix + "key_file", ""),
+        cert_file=reader.string(prefix + "cert_file", ""),
+        ca_file=reader.string(prefix + "ca_file", ""),
+        protocols=reader.string(prefix + "protocols", "secure", nonempty=True),
+        ciphers=reader.string(prefix + "ciphers", "default", nonempty=True),
+    )
+    mode = config.sslmode
+    if prefix == "client_tls_" and mode != "disable" and not (config.key_file and config.cert_file):
+        raise reader._fail(
+            prefix + "sslmode",
+            f"{mode} needs {prefix}key_file and {prefix}cert_file (pgmux's certificate)",
+        )
+    if mode in ("verify-ca", "verify-full") and not config.ca_file:
+        raise reader._fail(prefix + "sslmode", f"{mode} needs {prefix}ca_file")
+    if bool(config.key_file) != bool(config.cert_file):
+        raise reader._fail(prefix + "key_file", f"set both {prefix}key_file and {prefix}cert_file")
+    return config
 
 
 def _user(name: str, table: _Reader) -> UserConfig:
@@ -178,6 +346,11 @@ def _user(name: str, table: _Reader) -> UserConfig:
         name=name,
         password=table.optional("password", table.string),
         pool_mode=table.optional("pool_mode", lambda k, d: table.choice(k, d, POOL_MODES)),
+        pool_size=table.optional("pool_size", lambda k, d: table.integer(k, d, 1)),
+        query_wait_timeout=table.optional("query_wait_timeout", table.seconds),
+        client_idle_timeout=table.optional("client_idle_timeout", table.seconds),
+        idle_transaction_timeout=table.optional("idle_transaction_timeout", table.seconds),
+        query_timeout=table.optional("query_timeout", table.seconds),
     )
     table.finish()
     return config

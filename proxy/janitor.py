@@ -1,4 +1,10 @@
-"""Periodic housekeeping: queue timeouts, idle and old servers, minimum pool sizes."""
+"""Periodic housekeeping: queue timeouts, idle and old servers, minimum pool sizes, and
+the client timeouts (client_idle_timeout, idle_transaction_timeout, query_timeout).
+
+Client timeouts are measured by sampling, so the relay never reads the clock: each
+sweep notes a client's request counters, and a state that persists with unchanged
+counters has lasted at least since the sweep that first saw it (±INTERVAL).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +12,14 @@ import asyncio
 import logging
 import time
 
-from .pool import Registry
+from .client import ClientConnection
+from .errors import ProxyError
+from .pool import ClientState, Registry
+from .protocol import codes
 
 log = logging.getLogger("pgmux.janitor")
 
-# Often enough that query_wait_timeout is honoured to within half a second.
+# Often enough that the timeouts are honoured to within half a second.
 INTERVAL = 0.5
 
 
@@ -24,9 +33,71 @@ async def run_janitor(registry: Registry) -> None:
 
 
 def sweep(registry: Registry, now: float) -> None:
+    watch_clients = False
     for pool in registry.iter_pools():
         pool.expire_waiters(now)
         pool.close_idle_servers(now)
         if not registry.shutting_down:
             pool.fill_min_pool()
             pool.retry_dispatch()
+        watch_clients = watch_clients or bool(
+            pool.client_idle_timeout or pool.idle_transaction_timeout or pool.query_timeout
+        )
+    if watch_clients:
+        for client in list(registry.clients):
+            check_client(client, now)
+
+
+def check_client(client: ClientConnection, now: float) -> None:
+    """Apply the client timeouts of the client's pool to one client."""
+    if not client.welcomed or client.state is ClientState.ADMIN:
+        return
+    pool = client.pool
+    fe = client.fe
+    server = client.server
+    if client.state is ClientState.IDLE:
+        condition, limit = "idle", pool.client_idle_timeout
+    elif client.state is not ClientState.ACTIVE or server is None or client.terminating:
+        client.watch = None
+        return
+    elif fe.requests:
+        condition, limit = "query", pool.query_timeout
+    elif server.tx_status != codes.TX_IDLE and server.relaying:
+        condition, limit = "idle in transaction", pool.idle_transaction_timeout
+    else:
+        client.watch = None
+        return
+    key = (condition, fe.sent, fe.answered)
+    watch = client.watch
+    if watch is None or watch[0] != key:
+        client.watch = (key, now, False)
+        return
+    since, acted = watch[1], watch[2]
+    lasted = now - since
+    if not limit or acted or lasted < limit:
+        return
+    if condition == "idle":
+        client.fail(
+            ProxyError(
+                f"client_idle_timeout: no request for {lasted:.0f} s (limit {limit:g} s)",
+                sqlstate="57P05",  # idle_session_timeout
+            )
+        )
+    elif condition == "idle in transaction":
+        client.fail(
+            ProxyError(
+                f"idle_transaction_timeout: idle in a transaction for {lasted:.0f} s "
+                f"(limit {limit:g} s); the transaction was rolled back",
+                sqlstate="25P03",  # idle_in_transaction_session_timeout
+            )
+        )
+    else:
+        assert server is not None
+        log.warning(
+            "%s: query running for %.0f s, over query_timeout (%g s): cancelling it",
+            client,
+            lasted,
+            limit,
+        )
+        client.watch = (key, since, True)
+        server.forward_cancel()

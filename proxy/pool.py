@@ -13,6 +13,7 @@ import contextlib
 import enum
 import logging
 import secrets
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import Config, DatabaseConfig
 from .errors import ProxyError, QueryWaitTimeout, ServerUnreachable
+from .users import Credential, SecretCache
 
 if TYPE_CHECKING:
     import asyncio
@@ -46,6 +48,7 @@ class ClientState(enum.Enum):
     IDLE = "idle"  # logged in, holds no server
     WAITING = "waiting"  # in Pool.waiters, wants a server
     ACTIVE = "active"  # linked to a server
+    ADMIN = "admin"  # logged in to the admin console; never holds a server
     CLOSED = "closed"
 
 
@@ -78,7 +81,6 @@ class PoolSettings:
     database: DatabaseConfig
     user: str
     server_user: str
-    server_password: str | None
     pool_mode: str
     pool_size: int
     min_pool_size: int
@@ -99,6 +101,11 @@ class Pool:
         self.name = settings.name
         self.mode = settings.pool_mode
         self.size = settings.pool_size
+        user = settings.user
+        self.query_wait_timeout = config.timeout_for("query_wait_timeout", user)
+        self.client_idle_timeout = config.timeout_for("client_idle_timeout", user)
+        self.idle_transaction_timeout = config.timeout_for("idle_transaction_timeout", user)
+        self.query_timeout = config.timeout_for("query_timeout", user)
         self._open_server = open_server
         self.idle: deque[PooledServer] = deque()
         self.servers: set[PooledServer] = set()
@@ -114,6 +121,11 @@ class Pool:
         self.last_error: ProxyError | None = None
         self.last_error_at = 0.0
         self.welcome_cache: dict[Settings, bytes] = {}
+        # The secret pgmux logs in to the server with (see users.SecretCache for how a
+        # SCRAM secret alone can do it).
+        self.server_credential: Credential | None = None
+        # server_tls_sslmode = allow: plain first; TLS once the server demanded it.
+        self.tls_fallback = False
 
     def __repr__(self) -> str:
         return f"<Pool {self.name} {len(self.servers)}+{self.connecting}/{self.size}>"
@@ -226,6 +238,14 @@ class Pool:
         self.servers.discard(server)
         self._record_failure(error)
 
+    def retry_with_tls(self, server: PooledServer) -> None:
+        """server_tls_sslmode = allow and the server refused a plain login: the next
+        connections use TLS, and this failure is not reported to anyone."""
+        self.tls_fallback = True
+        server.state = ServerState.CLOSED
+        self.servers.discard(server)
+        self._dispatch()
+
     def _record_failure(self, error: ProxyError) -> None:
         """When no server is left to serve the queue, waiting clients get the error now
         rather than a timeout later. No new attempt starts here: the next client, a
@@ -263,7 +283,7 @@ class Pool:
     # -- timeouts (called by the janitor) -----------------------------------------------
 
     def expire_waiters(self, now: float) -> None:
-        timeout = self.config.query_wait_timeout
+        timeout = self.query_wait_timeout
         if not timeout:
             return
         waiters = self.waiters
@@ -336,7 +356,15 @@ class Registry:
     module-global, so tests and reloads get a fresh one.
     """
 
-    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        config: Config,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        client_tls: ssl.SSLContext | None = None,
+        server_tls: ssl.SSLContext | None = None,
+        client_tls_cert_hash: bytes | None = None,
+    ) -> None:
         self.config = config
         self.loop = loop
         self.pools: dict[tuple[str, str], Pool] = {}
@@ -346,9 +374,21 @@ class Registry:
         self._next_client_id = 0
         self._next_server_id = 0
         self.open_server: Callable[[Pool], None] = _no_server_opener
-        self.auth_cache: dict[str, Any] = {}
+        # The admin console's session handler, set by the App (the console sits above
+        # the client layer): called with a logged-in admin client, returns its handler.
+        self.open_admin: Callable[[Any], Any] = _no_admin
+        # auth_query lookups (auth_query.AuthQuery), set by the App likewise.
+        self.auth_query: Callable[
+            [DatabaseConfig, str, Callable[[Credential | None, ProxyError | None], None]], None
+        ] = _no_auth_query
+        self.secrets = SecretCache()
         self.salted_password_cache: dict[tuple[bytes, bytes, int], bytes] = {}
         self.mock_key = secrets.token_bytes(32)
+        self.client_tls = client_tls
+        self.server_tls = server_tls
+        # tls-server-end-point channel binding data of pgmux's own certificate, when it
+        # can be computed: SCRAM-SHA-256-PLUS is offered to TLS clients only then.
+        self.client_tls_cert_hash = client_tls_cert_hash
 
     def new_client_id(self) -> int:
         self._next_client_id += 1
@@ -358,27 +398,28 @@ class Registry:
         self._next_server_id += 1
         return self._next_server_id
 
-    def pool_for(self, database: DatabaseConfig, user: str) -> Pool:
+    def pool_for(self, database: DatabaseConfig, user: str, credential: Credential | None) -> Pool:
+        """The pool for (database, user); ``credential`` is what the client logged in
+        with, and serves the server login unless the database forces its own user."""
         key = (database.name, user)
         pool = self.pools.get(key)
         if pool is None:
             config = self.config
-            user_config = config.users.get(user)
-            if database.user is not None:
-                server_user, server_password = database.user, database.password
-            else:
-                server_user = user
-                server_password = user_config.password if user_config else None
             settings = PoolSettings(
                 database=database,
                 user=user,
-                server_user=server_user,
-                server_password=server_password,
+                server_user=database.user if database.user is not None else user,
                 pool_mode=config.pool_mode_for(database, user),
-                pool_size=config.pool_size_for(database),
+                pool_size=config.pool_size_for(database, user),
                 min_pool_size=config.min_pool_size_for(database),
             )
             pool = self.pools[key] = Pool(settings, config, self.open_server)
+            if database.user is not None:
+                pool.server_credential = Credential(
+                    database.user, database.password, f"[databases.{database.name}]"
+                )
+        if database.user is None and credential is not None:
+            pool.server_credential = credential  # auth_query secrets can change
         return pool
 
     def register_cancel_key(self, client: Any) -> tuple[int, int]:
@@ -397,3 +438,15 @@ class Registry:
 
 def _no_server_opener(pool: Pool) -> None:
     raise RuntimeError("Registry.open_server was not set by the App")
+
+
+def _no_admin(client: Any) -> Any:
+    raise RuntimeError("Registry.open_admin was not set by the App")
+
+
+def _no_auth_query(
+    database: DatabaseConfig,
+    user: str,
+    done: Callable[[Credential | None, ProxyError | None], None],
+) -> None:
+    raise RuntimeError("Registry.auth_query was not set by the App")

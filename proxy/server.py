@@ -30,6 +30,8 @@ from .protocol.stream import (
     FrontendStream,
     interesting_table,
 )
+from .tls import TLSTransport
+from .users import Credential
 
 if TYPE_CHECKING:
     from .client import ClientConnection
@@ -47,7 +49,11 @@ PAUSE_CLIENT_FULL = 1
 STATEMENT_INTERESTING = interesting_table(b"ZSEGC")
 _BEGIN_TAGS = (b"BEGIN", b"START TRANSACTION")
 
+# pgmux's own queries that return rows (auth_query) also read DataRow whole.
+FETCH_INTERESTING = interesting_table(b"ZSEGD")
+
 ErrorFields = dict[str, str]
+Rows = list[list[bytes | None]]
 QueryDone = Callable[[int, ErrorFields | None], None]
 
 
@@ -89,9 +95,11 @@ class ServerConnection(asyncio.Protocol):
         "relay",
         "relaying",
         "reset_pending",
+        "rows",
         "scram",
         "settings",
         "settle_after_cancel",
+        "ssl_answer_pending",
         "state",
         "stream",
         "timer",
@@ -133,6 +141,8 @@ class ServerConnection(asyncio.Protocol):
         self.error_fields: ErrorFields | None = None
         self.drain_fe: FrontendStream | None = None
         self.fatal = False
+        self.ssl_answer_pending = False
+        self.rows: list[list[bytes | None]] | None = None
         self.paused = 0
         self.write_paused = False
 
@@ -192,14 +202,82 @@ class ServerConnection(asyncio.Protocol):
         timeout = self.registry.config.server_connect_timeout
         if timeout:
             self.timer = self.registry.loop.call_later(timeout, self._login_timed_out, timeout)
+        if self._wants_tls():
+            self.ssl_answer_pending = True
+            transport.write(messages.SSL_REQUEST)
+        else:
+            self._send_startup()
+
+    def _wants_tls(self) -> bool:
+        if self.registry.server_tls is None or self.pool.settings.database.host.startswith("/"):
+            return False  # TLS is not offered on unix sockets
+        return self.registry.config.server_tls.sslmode != "allow" or self.pool.tls_fallback
+
+    def _send_startup(self) -> None:
+        assert self.transport is not None
         settings = self.pool.settings
-        transport.write(
+        self.transport.write(
             messages.startup_message(
                 {"user": settings.server_user, "database": settings.database.dbname}
             )
         )
 
+    def _ssl_answer(self, data: bytes) -> None:
+        """The server's one-byte answer to SSLRequest."""
+        self.ssl_answer_pending = False
+        answer, rest = data[:1], data[1:]
+        db = self.pool.settings.database
+        mode = self.registry.config.server_tls.sslmode
+        if answer == b"S":
+            if rest:
+                # Bytes before the handshake were not encrypted: maybe injected (CVE-2021-23222).
+                raise ProtocolError("server sent unencrypted data after its SSL answer")
+            context = self.registry.server_tls
+            assert context is not None and self.transport is not None
+            self.transport = TLSTransport(
+                self.transport,
+                self,
+                context,
+                server_side=False,
+                server_hostname=db.host,
+                on_handshake=self._tls_ready,
+            )
+        elif answer == b"N":
+            if mode in ("require", "verify-ca", "verify-full"):
+                raise ServerLoginFailed(
+                    f"server {db.host}:{db.port} does not accept TLS but server_tls_sslmode "
+                    f"= {mode}",
+                    hint="enable ssl in postgresql.conf, or lower server_tls_sslmode",
+                )
+            self._send_startup()
+            if rest:
+                self._login_received(rest)
+        else:
+            raise ProtocolError(f"server answered SSLRequest with {answer!r}, not S or N")
+
+    def _tls_ready(self, error: BaseException | None) -> None:
+        if error is None:
+            self._send_startup()
+            return
+        db = self.pool.settings.database
+        mode = self.registry.config.server_tls.sslmode
+        hint = None
+        if mode in ("verify-ca", "verify-full"):
+            hint = "server_tls_ca_file must hold the CA that signed the server's certificate" + (
+                f", and the certificate must name {db.host}" if mode == "verify-full" else ""
+            )
+        self._login_failed(
+            ServerUnreachable(
+                f"TLS handshake with server {db.host}:{db.port} failed for pool "
+                f'"{self.pool.name}" (server_tls_sslmode = {mode}): {error}',
+                hint=hint,
+            )
+        )
+
     def _login_received(self, data: bytes) -> None:
+        if self.ssl_answer_pending:
+            self._ssl_answer(data)
+            return
         reader = self.reader
         assert reader is not None
         reader.feed(data)
@@ -236,8 +314,6 @@ class ServerConnection(asyncio.Protocol):
         code, payload = messages.parse_authentication(body)
         if code == codes.AUTH_OK:
             return
-        settings = self.pool.settings
-        password = settings.server_password
         if code == codes.AUTH_SASL_CONTINUE and self.scram is not None:
             self.transport.write(messages.sasl_response(self.scram.handle_server_first(payload)))
             return
@@ -251,37 +327,75 @@ class ServerConnection(asyncio.Protocol):
                 "which pgmux does not support (use scram-sha-256, md5 or password in "
                 "pg_hba.conf for pgmux's address)"
             )
-        if password is None:
-            where = (
-                f"[databases.{settings.database.name}].password"
-                if settings.database.user is not None
-                else f"[users.{settings.user}].password"
-            )
+        settings = self.pool.settings
+        credential = self.pool.server_credential
+        user = settings.server_user
+        if credential is None or credential.secret is None:
             raise ServerLoginFailed(
-                f'server requires a password for user "{settings.server_user}" but pgmux '
-                f"has none: set {where}",
+                f'server requires a password for user "{user}" but pgmux has none',
+                hint=f"set {_password_key(self.pool)} (or list the user in auth_file)",
                 sqlstate="28P01",
             )
+        password = self.registry.secrets.password(credential)
+        kind = credential.kind
         if code == codes.AUTH_CLEARTEXT:
+            if password is None:
+                raise self._cannot_answer("a cleartext password", credential)
             self.transport.write(messages.password_message(password.encode()))
         elif code == codes.AUTH_MD5:
             if len(payload) != 4:
                 raise ProtocolError("md5 authentication request without a 4-byte salt")
-            response = md5_response(settings.server_user, password, payload)
-            self.transport.write(messages.password_message(response))
+            secret = password if password is not None else credential.secret
+            if kind == "scram" and password is None:
+                raise self._cannot_answer("md5", credential)
+            self.transport.write(messages.password_message(md5_response(user, secret, payload)))
         else:
             mechanisms = messages.parse_sasl_mechanisms(payload)
             if "SCRAM-SHA-256" not in mechanisms:
                 raise ServerLoginFailed(
                     f"server offers SASL mechanisms {mechanisms}, pgmux speaks SCRAM-SHA-256"
                 )
-            cache = self.registry.salted_password_cache
-            if len(cache) > 256:
-                cache.clear()
-            self.scram = ScramClientSession(password, salted_password_cache=cache)
+            if password is not None:
+                cache = self.registry.salted_password_cache
+                if len(cache) > 256:
+                    cache.clear()
+                self.scram = ScramClientSession(password, salted_password_cache=cache)
+            elif kind == "scram":
+                self.scram = self._passthrough(credential)
+            else:
+                raise self._cannot_answer("SCRAM", credential)
             self.transport.write(
                 messages.sasl_initial_response("SCRAM-SHA-256", self.scram.client_first())
             )
+
+    def _passthrough(self, credential: Credential) -> ScramClientSession:
+        """SCRAM with only a SCRAM secret: the ClientKey a client proved it holds."""
+        client_key = self.registry.secrets.client_key(credential)
+        if client_key is None:
+            raise ServerLoginFailed(
+                f'cannot log in to the server as "{credential.user}": pgmux holds only a '
+                f"SCRAM secret (from {credential.source}), which works by pass-through of a "
+                "client's own SCRAM login, and no client has logged in with SCRAM yet",
+                hint="let clients use scram-sha-256 (not md5, trust or cert), or give pgmux "
+                "the plaintext password",
+                sqlstate="28P01",
+            )
+        secret = self.registry.secrets.scram_secret(credential)
+        return ScramClientSession(
+            client_key=client_key,
+            server_key=secret.server_key,
+            expected_salt=(secret.salt, secret.iterations),
+        )
+
+    def _cannot_answer(self, method: str, credential: Credential) -> ServerLoginFailed:
+        held = {"md5": "an md5 hash", "scram": "a SCRAM secret"}.get(credential.kind, "no password")
+        return ServerLoginFailed(
+            f'server asks for {method} authentication for user "{credential.user}", but pgmux '
+            f"holds only {held} for it (from {credential.source})",
+            hint="give pgmux the plaintext password, or make pg_hba.conf ask pgmux's address "
+            "for a method that secret can answer (md5 hash: md5; SCRAM secret: scram-sha-256)",
+            sqlstate="28P01",
+        )
 
     def _logged_in(self, rest: bytes) -> None:
         self._cancel_timer()
@@ -295,9 +409,20 @@ class ServerConnection(asyncio.Protocol):
     def _login_failed(self, error: ProxyError) -> None:
         if self.state is ServerState.CLOSED:
             return
-        log.warning("%s: %s", self, error.message)
         self._cancel_timer()
-        self.pool.login_failed(self, error)
+        pool = self.pool
+        if (
+            error.sqlstate == "28000"
+            and "no encryption" in error.message
+            and self.registry.config.server_tls.sslmode == "allow"
+            and not pool.tls_fallback
+            and self.registry.server_tls is not None
+        ):
+            log.info("%s: server refused a plain login; retrying with TLS (allow)", self)
+            pool.retry_with_tls(self)
+        else:
+            log.warning("%s: %s", self, error.message)
+            pool.login_failed(self, error)
         self._close_transport()
 
     def _cancel_timer(self) -> None:
@@ -452,6 +577,8 @@ class ServerConnection(asyncio.Protocol):
         elif typ == codes.B_PARAMETER_STATUS:
             name, value = messages.parse_parameter_status(buf[start + 5 : stop])
             self.params[name] = value
+        elif typ == codes.B_DATA_ROW and self.rows is not None:
+            self.rows.append(messages.parse_data_row(buf[start + 5 : stop]))
         elif typ == codes.B_COPY_IN_RESPONSE and self.drain_fe is not None:
             self._fail_copy(self.drain_fe)
 
@@ -474,6 +601,34 @@ class ServerConnection(asyncio.Protocol):
 
         self.on_ready = on_ready
         self.transport.write(messages.query(sql))
+
+    def fetch_rows(
+        self, sql: str, params: list[str | None], done: Callable[[Rows, ErrorFields | None], None]
+    ) -> None:
+        """Run one parameterised query of pgmux's own (extended protocol) and collect
+        its rows; ``done(rows, error)`` at ReadyForQuery."""
+        assert self.transport is not None
+        rows: Rows = []
+        self.relaying = False
+        self.error_fields = None
+        self.rows = rows
+        relay_types = self.stream.interesting
+        self.stream.interesting = FETCH_INTERESTING
+
+        def on_ready(status: int) -> None:
+            self.on_ready = None
+            self.rows = None
+            self.stream.interesting = relay_types
+            error, self.error_fields = self.error_fields, None
+            done(rows, error)
+
+        self.on_ready = on_ready
+        self.transport.write(
+            messages.parse("", sql)
+            + messages.bind("", "", params)
+            + messages.execute()
+            + messages.SYNC
+        )
 
     def apply_settings(self, wanted: Settings, done: Callable[[ErrorFields | None], None]) -> None:
         """Make this server's session settings equal ``wanted``, then call ``done``."""
@@ -711,7 +866,7 @@ class ServerConnection(asyncio.Protocol):
         log.info("%s: closing: %s", self, reason)
         self._cancel_timer()
         self.relaying = False
-        self.on_ready = None
+        callback, self.on_ready = self.on_ready, None
         self.pool.server_closed(self)
         client = self.client
         if client is not None:
@@ -724,6 +879,15 @@ class ServerConnection(asyncio.Protocol):
                 already_told=self.fatal or self.stream.mid_message,
             )
         self._close_transport()
+        if callback is not None:
+            # pgmux's own query was in flight: end it with an error, not silence.
+            self.error_fields = {
+                "S": "FATAL",
+                "V": "FATAL",
+                "C": "08006",
+                "M": f"server connection closed: {reason}",
+            }
+            callback(codes.TX_FAILED)
 
     def _close_transport(self) -> None:
         transport = self.transport
@@ -744,14 +908,22 @@ class ServerConnection(asyncio.Protocol):
                 self.close(why)
 
 
+def _password_key(pool: Pool) -> str:
+    settings = pool.settings
+    if settings.database.user is not None:
+        return f"[databases.{settings.database.name}].password"
+    credential = pool.server_credential
+    if credential is not None and credential.source != "[users]":
+        return f"the password of {settings.user!r} in {credential.source}"
+    return f"[users.{settings.user}].password"
+
+
 def _login_hint(pool: Pool, fields: ErrorFields) -> str | None:
     if fields.get("C") == "28P01":
-        settings = pool.settings
-        if settings.database.user is not None:
-            where = f"[databases.{settings.database.name}].password"
-        else:
-            where = f"[users.{settings.user}].password"
-        return f"pgmux logs in to PostgreSQL with {where}; it must match the role's password"
+        return (
+            f"pgmux logs in to PostgreSQL with {_password_key(pool)}; it must match the "
+            "role's password"
+        )
     return fields.get("H")
 
 

@@ -507,6 +507,7 @@ class ScramClientSession:
         nonce: bytes | None = None,
         salted_password_cache: dict[tuple[bytes, bytes, int], bytes] | None = None,
         username: str = "",
+        expected_salt: tuple[bytes, int] | None = None,
     ) -> None:
         """`nonce` is the client nonce, printable ASCII used as is (random when None).
 
@@ -515,6 +516,10 @@ class ScramClientSession:
 
         `salted_password_cache` maps (password bytes, salt, iterations) to the
         SaltedPassword, so repeated logins skip PBKDF2. The caller owns and bounds it.
+
+        `expected_salt` is (salt, iterations) of the secret the pass-through keys came
+        from: a server offering another salt holds another secret, and the login could
+        only fail with a misleading "password authentication failed"; AuthError says why.
         """
         if (password is None) == (client_key is None):
             raise ValueError("give exactly one of password or client_key")
@@ -531,6 +536,7 @@ class ScramClientSession:
         self._client_key = client_key
         self._server_key = server_key
         self._cache = salted_password_cache
+        self._expected_salt = expected_salt
         self._client_nonce = _nonce_arg(nonce)
         self._client_first_bare = f"n={_saslname(username)},r={self._client_nonce}"
         self._expected_signature = b""
@@ -616,6 +622,14 @@ class ScramClientSession:
             # Pass-through: ClientKey and ServerKey are all SCRAM needs; salt and
             # iteration count only serve to derive them from a password.
             assert self._client_key is not None and self._server_key is not None
+            expected = self._expected_salt
+            if expected is not None and (
+                not hmac.compare_digest(salt, expected[0]) or iterations != expected[1]
+            ):
+                raise AuthError(
+                    "SCRAM pass-through impossible: the server's SCRAM secret for this role "
+                    "differs from the one pgmux holds (other salt or iteration count)"
+                )
             client_key, server_key = self._client_key, self._server_key
 
         # "c=biws" is base64("n,,"), our GS2 header (RFC 5802 section 7).

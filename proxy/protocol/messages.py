@@ -9,7 +9,7 @@ Formats: https://www.postgresql.org/docs/current/protocol-message-formats.html
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from . import codes
 from .errors import ProtocolError
@@ -17,6 +17,8 @@ from .errors import ProtocolError
 _HEADER = struct.Struct("!cI")
 _INT32 = struct.Struct("!I")
 _INT32_PAIR = struct.Struct("!II")
+_INT32_SIGNED = struct.Struct("!i")
+_INT16 = struct.Struct("!H")
 
 # Field codes of ErrorResponse / NoticeResponse.
 FIELD_SEVERITY = "S"
@@ -109,6 +111,7 @@ def negotiate_protocol_version(newest_minor: int, unrecognized: list[str]) -> by
 
 SYNC = message(b"S")
 TERMINATE = message(b"X")
+SSL_REQUEST = _INT32.pack(8) + _INT32.pack(codes.SSL_REQUEST_CODE)
 
 
 def startup_message(params: Mapping[str, str]) -> bytes:
@@ -136,6 +139,29 @@ def sasl_response(data: bytes) -> bytes:
 
 def query(sql: str) -> bytes:
     return message(b"Q", cstring(sql))
+
+
+def parse(name: str, sql: str) -> bytes:
+    """Parse with no parameter types given (the server infers them)."""
+    return message(b"P", cstring(name) + cstring(sql) + b"\x00\x00")
+
+
+def bind(portal: str, statement: str, params: Sequence[str | None]) -> bytes:
+    """Bind with every parameter and result in text format."""
+    body = bytearray(cstring(portal) + cstring(statement))
+    body += _INT16.pack(0) + _INT16.pack(len(params))
+    for param in params:
+        if param is None:
+            body += _INT32.pack(0xFFFFFFFF)
+        else:
+            data = param.encode("utf-8", "surrogateescape")
+            body += _INT32.pack(len(data)) + data
+    body += _INT16.pack(0)
+    return message(b"B", bytes(body))
+
+
+def execute(portal: str = "", max_rows: int = 0) -> bytes:
+    return message(b"E", cstring(portal) + _INT32.pack(max_rows))
 
 
 def copy_fail(reason: str) -> bytes:
@@ -215,6 +241,28 @@ def parse_sasl_initial_response(body: bytes) -> tuple[str, bytes]:
     elif length != len(data):
         raise ProtocolError("SASLInitialResponse length does not match its data")
     return mechanism, data
+
+
+def parse_data_row(body: bytes) -> list[bytes | None]:
+    """The column values of a DataRow (None for NULL)."""
+    if len(body) < 2:
+        raise ProtocolError("DataRow too short")
+    (count,) = _INT16.unpack_from(body)
+    values: list[bytes | None] = []
+    pos = 2
+    for _ in range(count):
+        if len(body) < pos + 4:
+            raise ProtocolError("DataRow column length missing")
+        (length,) = _INT32_SIGNED.unpack_from(body, pos)
+        pos += 4
+        if length < 0:
+            values.append(None)
+            continue
+        if len(body) < pos + length:
+            raise ProtocolError("DataRow column runs past the message")
+        values.append(body[pos : pos + length])
+        pos += length
+    return values
 
 
 def error_summary(fields: Mapping[str, str]) -> str:

@@ -90,11 +90,13 @@ class FrontendStream:
         "_hold",
         "_max_length",
         "_skip",
+        "answered",
         "broken",
         "copy_in",
         "copy_in_extended",
         "extended_open",
         "requests",
+        "sent",
     )
 
     def __init__(self, max_length: int) -> None:
@@ -106,6 +108,10 @@ class FrontendStream:
         self.copy_in = False
         self.copy_in_extended = False
         self.broken = False
+        # Monotonic counters of requests sent and answered: the janitor tells activity
+        # from idleness by them, so the relay never reads the clock.
+        self.sent = 0
+        self.answered = 0
 
     @property
     def idle(self) -> bool:
@@ -154,11 +160,13 @@ class FrontendStream:
             kind = kinds[typ]
             if kind == K_REQUEST:
                 requests.append(REQ_QUERY)
+                self.sent += 1
             elif kind == K_SYNC:
                 self.extended_open = False
                 # The server ignores Sync during copy-in (protocol docs, "COPY Operations").
                 if not self.copy_in:
                     requests.append(REQ_SYNC)
+                self.sent += 1
             elif kind == K_EXTENDED:
                 self.extended_open = True
             elif kind == K_COPY_END:
@@ -179,6 +187,7 @@ class FrontendStream:
 
     def on_ready_for_query(self) -> None:
         """The server answered the oldest request."""
+        self.answered += 1
         requests = self.requests
         while requests:
             if requests.popleft() != MARK_COPY_END:
@@ -217,13 +226,13 @@ class BackendStream:
     their bytes are held back until complete. Everything else is only skipped over.
     """
 
-    __slots__ = ("_hold", "_interesting", "_max_length", "_skip")
+    __slots__ = ("_hold", "_max_length", "_skip", "interesting")
 
     def __init__(self, max_length: int, interesting: bytes = RELAY_INTERESTING) -> None:
         self._skip = 0
         self._hold = b""
         self._max_length = max_length
-        self._interesting = interesting
+        self.interesting = interesting  # may change between messages
 
     @property
     def mid_message(self) -> bool:
@@ -246,7 +255,7 @@ class BackendStream:
             data = self._hold + data
             self._hold = b""
             n = len(data)
-        interesting = self._interesting
+        interesting = self.interesting
         max_length = self._max_length
         events: list[Event] | None = None
         while True:

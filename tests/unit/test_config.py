@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import Config, ConfigError, DatabaseConfig, load_config, parse_config
+from proxy.config import (
+    Config,
+    ConfigError,
+    DatabaseConfig,
+    TLSConfig,
+    UserConfig,
+    load_config,
+    parse_config,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 MINIMAL = {"databases": {"app": {}}}
@@ -19,13 +27,21 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
     config = load_config(example)
     assert config.databases["app"].dbname == "app"
     text = example.read_text()
+    derived = ("path", "databases", "users", "metrics", "auth_file_users", "hba_rules")
     for f in dataclasses.fields(Config):
-        if f.name in ("path", "databases", "users", "metrics"):
+        if f.name in derived:
+            continue
+        if f.name in ("client_tls", "server_tls"):
+            for sub in dataclasses.fields(TLSConfig):
+                key = f"{f.name}_{sub.name}"
+                assert re.search(rf"^{key} = ", text, re.M), f"{key} missing in the example"
             continue
         assert re.search(rf"^{f.name} = ", text, re.M), f"{f.name} missing in the example"
-    for f in dataclasses.fields(DatabaseConfig):
-        if f.name != "name":
-            assert re.search(rf"^#? ?{f.name} = ", text, re.M), f"databases.*.{f.name} missing"
+    for cls, section in ((DatabaseConfig, "databases"), (UserConfig, "users")):
+        for f in dataclasses.fields(cls):
+            if f.name != "name":
+                pattern = rf"^#? ?{f.name} = "
+                assert re.search(pattern, text, re.M), f"{section}.*.{f.name} missing"
 
 
 def test_defaults_follow_pgbouncer() -> None:
