@@ -34,6 +34,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -43,7 +44,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
@@ -56,6 +57,9 @@ from support.pgcluster import (  # noqa: E402
     find_client_tool,
     free_port,
 )
+
+if TYPE_CHECKING:
+    from support.certs import CertFiles
 
 ALL_TARGETS = ("direct", "pgmux", "pgbouncer")
 HOST = "127.0.0.1"
@@ -70,6 +74,11 @@ class Scenario:
     args: tuple[str, ...]
     description: str
     connect_per_tx: bool = False
+    sslmode: str = "disable"  # the client's PGSSLMODE
+
+    @property
+    def tls(self) -> bool:
+        return self.sslmode != "disable"
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -85,6 +94,10 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("connect", ("-S", "-C"),
                  "pgbench -S -C: a new connection (SCRAM login) for every transaction",
                  connect_per_tx=True),
+        Scenario("connect-tls", ("-S", "-C"),
+                 "pgbench -S -C with PGSSLMODE=require: a new TLS connection (TLS handshake "
+                 "+ SCRAM login) for every transaction",
+                 connect_per_tx=True, sslmode="require"),
     )
 }  # fmt: skip
 
@@ -125,12 +138,19 @@ def port_open(port: int, host: str = HOST) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def client_env() -> dict[str, str]:
-    """Environment for pgbench/psql: password, and no SSL/GSS negotiation round trips."""
-    env = dict(os.environ)
-    for key in ("PGSERVICE", "PGSERVICEFILE", "PGOPTIONS", "PGHOST", "PGHOSTADDR"):
-        env.pop(key, None)
-    env.update(PGPASSWORD=APP_PASSWORD, PGSSLMODE="disable", PGGSSENCMODE="disable",
+# libpq variables of the caller's environment that would change what pgbench measures.
+CLIENT_ENV_DROPPED = frozenset((
+    "PGSERVICE", "PGSERVICEFILE", "PGOPTIONS", "PGHOST", "PGHOSTADDR",
+    "PGSSLCERT", "PGSSLKEY", "PGSSLROOTCERT", "PGSSLCRL", "PGSSLCRLDIR", "PGSSLNEGOTIATION",
+    "PGSSLMINPROTOCOLVERSION", "PGSSLMAXPROTOCOLVERSION",
+))  # fmt: skip
+
+
+def client_env(sslmode: str = "disable") -> dict[str, str]:
+    """Environment for pgbench/psql: password, no GSS negotiation round trip, and no SSL
+    either unless ``sslmode`` says so (``require``: TLS without certificate checks)."""
+    env = {k: v for k, v in os.environ.items() if k not in CLIENT_ENV_DROPPED}
+    env.update(PGPASSWORD=APP_PASSWORD, PGSSLMODE=sslmode, PGGSSENCMODE="disable",
                PGCONNECT_TIMEOUT="10")  # fmt: skip
     return env
 
@@ -199,10 +219,12 @@ class Target:
 
     name = "?"
 
-    def __init__(self, cluster: PgCluster, out: Path, pool_size: int) -> None:
+    def __init__(self, cluster: PgCluster, out: Path, pool_size: int,
+                 certs: CertFiles | None = None) -> None:  # fmt: skip
         self.cluster = cluster
         self.out = out
         self.pool_size = pool_size
+        self.certs = certs  # set: accept TLS clients with certs.server_cert / server_key
         self.port = cluster.port
         self.start_error: str | None = None
         self.events: list[str] = []
@@ -230,20 +252,24 @@ class Target:
     def info(self) -> dict[str, Any]:
         return {"port": self.port, "start_error": self.start_error, "events": self.events}
 
-    def smoke(self) -> None:
-        """A real login + query, so a target that only accepts TCP counts as not started."""
+    def smoke(self, sslmode: str = "disable") -> None:
+        """A real login + query, so a target that only accepts TCP counts as not started.
+
+        With ``sslmode="require"`` the login goes over TLS (libpq refuses a server that
+        answers the SSLRequest with "no").
+        """
         args = [find_client_tool("psql"), "-X", "-q", "-A", "-t", "-h", HOST,
                 "-p", str(self.port), "-U", APP_USER, "-d", APP_DB,
                 "-c", "select count(*) from pgbench_branches"]  # fmt: skip
+        what = "smoke query" if sslmode == "disable" else f"TLS smoke login (sslmode={sslmode})"
         try:
-            proc = subprocess.run(args, capture_output=True, text=True, env=client_env(),
-                                  timeout=30)  # fmt: skip
+            proc = subprocess.run(args, capture_output=True, text=True,
+                                  env=client_env(sslmode), timeout=30)  # fmt: skip
         except subprocess.TimeoutExpired as exc:
-            raise TargetError(f"smoke query through {self.name} timed out") from exc
+            raise TargetError(f"{what} through {self.name} timed out") from exc
         if proc.returncode != 0:
             raise TargetError(
-                f"smoke query through {self.name} failed: "
-                f"{summarize_error(proc.stderr, proc.stdout)}"
+                f"{what} through {self.name} failed: {summarize_error(proc.stderr, proc.stdout)}"
             )
 
 
@@ -256,8 +282,9 @@ class ProcessTarget(Target):
 
     start_timeout = 30.0
 
-    def __init__(self, cluster: PgCluster, out: Path, pool_size: int) -> None:
-        super().__init__(cluster, out, pool_size)
+    def __init__(self, cluster: PgCluster, out: Path, pool_size: int,
+                 certs: CertFiles | None = None) -> None:  # fmt: skip
+        super().__init__(cluster, out, pool_size, certs)
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = free_port()
 
@@ -321,10 +348,18 @@ class ProcessTarget(Target):
 
 
 def pgmux_config_keys() -> set[str]:
-    """Top-level keys of pgmux's Config dataclass, asked in a child; empty if unknown."""
+    """Top-level keys of pgmux's Config dataclass, asked in a child; empty if unknown.
+
+    The TLS fields (``client_tls`` / ``server_tls``, of type ``TLSConfig``) are flat keys in
+    the file: ``client_tls_sslmode``, ``client_tls_key_file``, ... (one per TLSConfig field).
+    """
     code = (
-        "import dataclasses, proxy.config as c; "
-        "print(*(f.name for f in dataclasses.fields(c.Config)))"
+        "import dataclasses as d, proxy.config as c\n"
+        "tls = getattr(c, 'TLSConfig', None)\n"
+        "for f in d.fields(c.Config):\n"
+        "    print(f.name)\n"
+        "    if tls is not None and f.name in ('client_tls', 'server_tls'):\n"
+        "        print(*(f'{f.name}_{g.name}' for g in d.fields(tls)))\n"
     )
     try:
         proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
@@ -332,6 +367,11 @@ def pgmux_config_keys() -> set[str]:
     except (OSError, subprocess.SubprocessError):
         return set()
     return set(proc.stdout.split()) if proc.returncode == 0 else set()
+
+
+def toml_str(value: object) -> str:
+    """A TOML basic string (JSON string escapes are valid TOML)."""
+    return json.dumps(str(value))
 
 
 class PgmuxTarget(ProcessTarget):
@@ -347,6 +387,22 @@ class PgmuxTarget(ProcessTarget):
         known = pgmux_config_keys()
         extra = "".join(f"{key} = false\n" for key in ("log_connections", "log_disconnections")
                         if key in known)  # fmt: skip
+        # Server connections stay plain, as PgBouncer's (server_tls_sslmode = disable there
+        # too): pgmux's default "prefer" would put TLS under every pooled server connection
+        # once the bench cluster has ssl = on, and change the relay comparison.
+        if "server_tls_sslmode" in known:
+            extra += 'server_tls_sslmode = "disable"\n'
+        if self.certs is not None:
+            client_keys = ("client_tls_sslmode", "client_tls_key_file", "client_tls_cert_file")
+            if all(key in known for key in client_keys):
+                # prefer: TLS for clients that ask (connect-tls), plain for the others.
+                extra += (
+                    'client_tls_sslmode = "prefer"\n'
+                    f"client_tls_key_file = {toml_str(self.certs.server_key.resolve())}\n"
+                    f"client_tls_cert_file = {toml_str(self.certs.server_cert.resolve())}\n"
+                )
+            else:
+                self.events.append("config has no client_tls_* keys: no TLS for clients")
         if "metrics" in known:
             extra += f'\n[metrics]\nlisten_addr = "{HOST}"\nlisten_port = {free_port()}\n'
         self.config_path.write_text(
@@ -400,13 +456,17 @@ class PgbouncerTarget(ProcessTarget):
     auth_file holds either the plaintext password (``auth="plain"``) or the SCRAM secret
     from pg_authid (``auth="scram"``; PgBouncer then logs in to the server by SCRAM
     pass-through, using the keys from the client's own SCRAM exchange).
+
+    With ``certs`` it accepts TLS clients (client_tls_sslmode = prefer) with its own copies
+    of the server certificate and key in that dir, owned by postgres, the key mode 0600.
+    Server connections are always plain (server_tls_sslmode = disable).
     """
 
     name = "pgbouncer"
 
     def __init__(self, cluster: PgCluster, out: Path, pool_size: int, binary: str,
-                 auth: str) -> None:  # fmt: skip
-        super().__init__(cluster, out, pool_size)
+                 auth: str, certs: CertFiles | None = None) -> None:  # fmt: skip
+        super().__init__(cluster, out, pool_size, certs)
         self.binary = binary
         self.auth = auth
         self.version, self.version_tuple = pgbouncer_version(binary)
@@ -442,6 +502,23 @@ class PgbouncerTarget(ProcessTarget):
         extra = ""
         if self.version_tuple >= (1, 21):
             extra += "max_prepared_statements = 200\n"
+        if self.certs is not None:
+            key_file, cert_file = self.dir / "tls.key", self.dir / "tls.crt"
+            for source, target, mode in (
+                (self.certs.server_key, key_file, 0o600),
+                (self.certs.server_cert, cert_file, 0o644),
+            ):
+                target.unlink(missing_ok=True)
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(source.read_bytes())
+                os.chmod(target, mode)
+                self._chown(target)
+            extra += (
+                "client_tls_sslmode = prefer\n"
+                f"client_tls_key_file = {key_file}\n"
+                f"client_tls_cert_file = {cert_file}\n"
+            )  # fmt: skip
         self.ini_path.write_text(
             "[databases]\n"
             f"{APP_DB} = host={HOST} port={self.cluster.port} dbname={APP_DB}\n"
@@ -464,6 +541,7 @@ class PgbouncerTarget(ProcessTarget):
             "log_connections = 0\n"
             "log_disconnections = 0\n"
             "stats_period = 60\n"
+            "server_tls_sslmode = disable\n"
             f"{extra}"
         )
         self._chown(self.ini_path)
@@ -497,6 +575,7 @@ class RunResult:
     target: str
     position: int
     command: list[str]
+    sslmode: str = "disable"  # PGSSLMODE of the run
     exit_code: int | None = None
     ok: bool = False
     error: str | None = None
@@ -568,13 +647,14 @@ class Bench:
     def run(self, target: Target, scenario: Scenario, rnd: int, position: int,
             duration: int, log_name: str) -> RunResult:  # fmt: skip
         cmd = self.pgbench_args(scenario, target.port, duration)
-        result = RunResult(rnd, scenario.name, target.name, position, cmd)
+        result = RunResult(rnd, scenario.name, target.name, position, cmd, scenario.sslmode)
         pg_pid = self.postmaster_pid()
         proxy0 = target.cpu_seconds()
         pg0 = proc_tree_cpu_seconds(pg_pid) if pg_pid else None
         started = time.monotonic()
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=client_env(),
+            proc = subprocess.run(cmd, capture_output=True, text=True,
+                                  env=client_env(scenario.sslmode),
                                   timeout=duration * 3 + 60)  # fmt: skip
             stdout, stderr, code = proc.stdout, proc.stderr, proc.returncode
         except subprocess.TimeoutExpired as exc:
@@ -586,7 +666,8 @@ class Bench:
         proxy1 = target.cpu_seconds()
         pg1 = proc_tree_cpu_seconds(pg_pid) if pg_pid else None
         (self.out / "logs" / log_name).write_text(
-            f"$ {' '.join(cmd)}\nexit code: {code}\n--- stdout\n{stdout}\n--- stderr\n{stderr}\n"
+            f"$ PGSSLMODE={scenario.sslmode} {' '.join(cmd)}\nexit code: {code}\n"
+            f"--- stdout\n{stdout}\n--- stderr\n{stderr}\n"
         )
         result.exit_code = code
         result.stdout_tail, result.stderr_tail = tail(stdout), tail(stderr)
@@ -646,6 +727,7 @@ def machine_info(cluster: PgCluster, bouncer: PgbouncerTarget | None) -> dict[st
         "platform": platform.platform(),
         "python": sys.version.split()[0],
         "python_executable": sys.executable,
+        "python_ssl": ssl.OPENSSL_VERSION,
         "postgresql": pg_version,
         "pgbench": run_text([find_client_tool("pgbench"), "--version"]),
         "pgbouncer": bouncer.version if bouncer else None,
@@ -768,15 +850,25 @@ def render(report: dict[str, Any], runs: list[RunResult], targets: list[Target])
         f"## pgmux bench — {report['started_at']}",
         "",
         f"{done_rounds}/{params['rounds']} rounds x {params['duration']} s per run; "
-        f"{params['clients']} clients (connect: {params['connect_clients']}), "
+        f"{params['clients']} clients (connect scenarios: {params['connect_clients']}), "
         f"{params['jobs']} jobs, pool size {params['pool_size']}, scale {params['scale']}.  ",
         f"{machine.get('nproc')} CPU ({machine.get('cpu_model')}), "
         f"PostgreSQL {machine.get('postgresql')}, PgBouncer {machine.get('pgbouncer') or '—'}, "
         f"Python {machine.get('python')}, pgmux {commit}.",
         "",
         "tps: median over rounds (min-max). Latency: average per transaction in ms, median over "
-        "rounds (connect: plus pgbench's average connection time). Ratios: of median tps.",
+        "rounds (connect scenarios: plus pgbench's average connection time). Ratios: of median "
+        "tps.",
     ]
+    tls = [s for s in params["scenarios"] if params.get("scenario_sslmode", {}).get(s, "disable")
+           != "disable"]  # fmt: skip
+    if tls:
+        lines += ["", f"{', '.join(tls)}: client TLS (PGSSLMODE=require, no certificate check; "
+                  "EC P-256 server certificate) to every target; pgmux/PgBouncer server "
+                  "connections stay plain (server_tls_sslmode = disable). All other scenarios: "
+                  "PGSSLMODE=disable."]  # fmt: skip
+    for name, why in params.get("skipped_scenarios", {}).items():
+        lines += ["", f"Skipped {name}: {_md(why)}"]
     if report.get("interrupted"):
         lines += ["", f"**Interrupted ({report['interrupted']}): partial results.**"]
     lines.append("")
@@ -828,6 +920,34 @@ def render(report: dict[str, Any], runs: list[RunResult], targets: list[Target])
 # -- main ------------------------------------------------------------------------------
 
 
+def tls_unavailable() -> str | None:
+    """Why the TLS scenarios cannot run here, or None."""
+    try:
+        import cryptography  # noqa: F401
+    except ImportError:
+        return ("connect-tls needs the cryptography package to make its certificates "
+                "(tests/support/certs.py): .venv/bin/pip install -e '.[test]'")  # fmt: skip
+    return None
+
+
+def make_bench_certs() -> CertFiles:
+    """Fresh certificates (tests/support/certs.py) in a new /tmp dir, mode 0755.
+
+    Certificates are world-readable, the keys 0600 and owned by us: pgmux (our child) reads
+    them in place; PostgreSQL (``PgCluster.create(tls=...)``) and PgBouncer run as the
+    postgres user and get their own copies, owned by postgres.
+    """
+    from support.certs import make_certs
+
+    directory = Path(tempfile.mkdtemp(prefix="pgmux-bench-certs-", dir="/tmp"))
+    os.chmod(directory, 0o755)
+    try:
+        return make_certs(directory)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="bench/run.py",
@@ -838,15 +958,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     p.add_argument("--pool-size", type=int, default=20, help="server pool size (both poolers)")
     p.add_argument("--clients", type=int, default=50, help="pgbench -c (select scenarios)")
-    p.add_argument("--connect-clients", type=int, default=20, help="pgbench -c for 'connect'")
+    p.add_argument("--connect-clients", type=int, default=20,
+                   help="pgbench -c for 'connect' and 'connect-tls'")  # fmt: skip
     p.add_argument("--jobs", type=int, default=2, help="pgbench -j")
     p.add_argument(
         "--targets",
         default=None,
         help=f"comma list of {','.join(ALL_TARGETS)} (default: all available)",
     )
-    p.add_argument("--scenarios", default=",".join(SCENARIOS),
-                   help=f"comma list of {','.join(SCENARIOS)}")  # fmt: skip
+    p.add_argument("--scenarios", default=None,
+                   help=f"comma list of {','.join(SCENARIOS)} (default: all; connect-tls only "
+                        "when the cryptography package can make its certificates)")  # fmt: skip
     p.add_argument("--scale", type=int, default=10, help="pgbench -i scale factor")
     p.add_argument(
         "--warmup",
@@ -874,7 +996,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.targets = [t for t in ALL_TARGETS if t != "pgbouncer" or bouncer]
     else:
         args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    args.skipped_scenarios = {}
+    if args.scenarios is None:
+        args.scenarios = list(SCENARIOS)
+        why = tls_unavailable()
+        if why:
+            args.scenarios = [s for s in args.scenarios if not SCENARIOS[s].tls]
+            args.skipped_scenarios = {s.name: why for s in SCENARIOS.values() if s.tls}
+    else:
+        args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     for t in args.targets:
         if t not in ALL_TARGETS:
             p.error(f"unknown target {t!r}; choose from {', '.join(ALL_TARGETS)}")
@@ -883,6 +1013,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for s in args.scenarios:
         if s not in SCENARIOS:
             p.error(f"unknown scenario {s!r}; choose from {', '.join(SCENARIOS)}")
+    if any(SCENARIOS[s].tls for s in args.scenarios) and (why := tls_unavailable()):
+        p.error(why)
     if not args.targets or not args.scenarios:
         p.error("need at least one target and one scenario")
     if min(args.duration, args.rounds, args.pool_size, args.clients, args.jobs,
@@ -940,6 +1072,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     report["params"]["scenario_descriptions"] = {s: SCENARIOS[s].description
                                                  for s in args.scenarios}  # fmt: skip
+    report["params"]["scenario_sslmode"] = {s: SCENARIOS[s].sslmode for s in args.scenarios}
+    for name, why in args.skipped_scenarios.items():
+        log(f"skipping scenario {name}: {why}")
 
     def save() -> None:
         report["runs"] = [asdict(r) for r in runs]
@@ -951,12 +1086,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     cleanups: list[Callable[[], None]] = []
     cluster: PgCluster | None = None
+    certs: CertFiles | None = None
+    tls_scenarios = [s for s in args.scenarios if SCENARIOS[s].tls]
     exit_code = 0
     with signals_raise():
         try:
+            if tls_scenarios:
+                certs = make_bench_certs()
+                cert_dir = certs.directory
+                cleanups.append(lambda: shutil.rmtree(cert_dir, ignore_errors=True))
+                report["params"]["tls_certs"] = str(cert_dir)
+                log(f"certificates for {', '.join(tls_scenarios)} in {cert_dir}")
             max_conn = max(300, args.clients + args.connect_clients + 50)
-            log(f"starting PostgreSQL (max_connections={max_conn})")
-            cluster = PgCluster.create({"max_connections": str(max_conn)})
+            log(f"starting PostgreSQL (max_connections={max_conn}"
+                f"{', ssl=on' if certs else ''})")  # fmt: skip
+            cluster = PgCluster.create({"max_connections": str(max_conn)}, tls=certs)
             cleanups.append(cluster.destroy)
             log(f"PostgreSQL on port {cluster.port}; pgbench -i -s {args.scale}")
             init = subprocess.run(
@@ -973,12 +1117,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name in args.targets:
                 target: Target
                 if name == "direct":
-                    target = DirectTarget(cluster, out, args.pool_size)
+                    target = DirectTarget(cluster, out, args.pool_size, certs)
                 elif name == "pgmux":
-                    target = PgmuxTarget(cluster, out, args.pool_size)
+                    target = PgmuxTarget(cluster, out, args.pool_size, certs)
                 else:
                     bouncer = PgbouncerTarget(cluster, out, args.pool_size, args.pgbouncer,
-                                              args.pgbouncer_auth)  # fmt: skip
+                                              args.pgbouncer_auth, certs)  # fmt: skip
                     target = bouncer
                     cleanups.append(bouncer.destroy)
                 targets.append(target)
@@ -997,6 +1141,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     log(f"{target.name} FAILED to start: {exc}\n{target.log_tail()}")
                     target.stop()
                     continue
+                if certs is not None:
+                    # Not fatal: the plain scenarios still run; connect-tls shows the error.
+                    try:
+                        target.smoke(sslmode="require")
+                        target.events.append("TLS smoke login ok")
+                    except (TargetError, OSError) as exc:
+                        target.events.append(str(exc))
+                        log(f"{target.name}: {exc}; {', '.join(tls_scenarios)} will fail")
                 if args.warmup:
                     res = bench.run(target, SCENARIOS["select-simple"], 0, 0, args.warmup,
                                     f"warmup-{target.name}.log")  # fmt: skip
@@ -1061,7 +1213,7 @@ def run_one(bench: Bench, target: Target, scenario: Scenario, rnd: int, pos: int
             target.start()
         except (TargetError, OSError) as exc:
             cmd = bench.pgbench_args(scenario, target.port, duration)
-            return RunResult(rnd, scenario.name, target.name, pos, cmd, ok=False,
+            return RunResult(rnd, scenario.name, target.name, pos, cmd, scenario.sslmode, ok=False,
                              error=f"{target.name} restart failed: {exc}", notes=notes,
                              stderr_tail=target.log_tail())  # fmt: skip
     log_name = f"r{rnd}-{scenario.name}-{target.name}.log"
