@@ -75,6 +75,7 @@ class App:
             listener = await loop.create_unix_server(
                 lambda: ClientConnection(registry), path, backlog=config.listen_backlog
             )
+            os.chmod(path, config.unix_socket_mode)  # who may connect (PgBouncer: 0777)
             self.listeners.append(listener)
         addresses = ", ".join(
             _format_addr(sock.getsockname()) for lst in self.listeners for sock in lst.sockets

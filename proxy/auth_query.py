@@ -51,6 +51,11 @@ class AuthQuery:
         config = self.registry.config
         auth_user = config.auth_user
         pool = self.registry.pool_for(database, auth_user, static_credential(config, auth_user))
+        error = pool.login_retry_error()
+        if error is not None:
+            # auth_user's own login is failing: say so now, not after a queue timeout.
+            self.finish(key, None, _lookup_failed(user, error.message))
+            return
         _Lookup(self, pool, key).start()
 
     def finish(
@@ -93,48 +98,38 @@ class _Lookup:
 
     def fail_wait(self, error: ProxyError) -> None:
         self.state = ClientState.CLOSED
-        self.owner.finish(
-            self.key,
-            None,
-            ProxyError(
-                f"cannot look up the user with auth_query: {error.message}",
-                hint=error.hint,
-                sqlstate=error.sqlstate,
-            ),
-        )
+        self.owner.finish(self.key, None, _lookup_failed(self.key[1], error.message))
 
     def _answered(self, server: ServerConnection, rows: Rows, error: ErrorFields | None) -> None:
         self.state = ClientState.CLOSED
         server.settle(None)
         user = self.key[1]
         if error is not None:
-            message = error.get("M", "error")
-            log.warning("auth_query for user %r failed: %s", user, message)
-            self.owner.finish(
-                self.key,
-                None,
-                ProxyError(
-                    f"auth_query failed: {message}",
-                    hint="check auth_query and that auth_user may run it (pgmux config)",
-                    sqlstate=error.get("C", "XX000"),
-                ),
-            )
+            reason = f"auth_query failed: {error.get('C', '?')} {error.get('M', 'error')}"
+            self.owner.finish(self.key, None, _lookup_failed(user, reason))
             return
         credential = None
         if rows:
             row = rows[0]
             if len(row) < 2:
-                self.owner.finish(
-                    self.key,
-                    None,
-                    ProxyError(
-                        "auth_query must return two columns (user name, password secret), "
-                        f"got {len(row)}",
-                        sqlstate="42601",
-                    ),
+                reason = (
+                    "auth_query must return two columns (user name, password secret), "
+                    f"got {len(row)}"
                 )
+                self.owner.finish(self.key, None, _lookup_failed(user, reason))
                 return
             secret = row[1].decode("utf-8", "surrogateescape") if row[1] is not None else None
             # A NULL secret: no password, or expired (rolvaliduntil); logins fail.
             credential = Credential(user, secret, "auth_query")
         self.owner.finish(self.key, credential, None)
+
+
+def _lookup_failed(user: str, reason: str) -> ProxyError:
+    """The details go to the log; a client that has not logged in learns only that the
+    lookup failed (it must not learn auth_user's troubles or the query's text)."""
+    log.warning("user lookup for %r failed: %s", user, reason)
+    return ProxyError(
+        f'cannot verify user "{user}" now: looking it up in PostgreSQL (auth_query) failed',
+        hint="the pgmux log has the details",
+        sqlstate="28000",
+    )

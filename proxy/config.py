@@ -117,6 +117,7 @@ class Config:
     idle_transaction_timeout: float = 0.0
     query_timeout: float = 0.0
     unix_socket_dir: str = ""
+    unix_socket_mode: int = 0o777
     client_tls: TLSConfig = field(default_factory=TLSConfig)
     server_tls: TLSConfig = field(default_factory=lambda: TLSConfig(sslmode="prefer"))
     admin_users: tuple[str, ...] = ()
@@ -210,6 +211,7 @@ def parse_config(raw: Mapping[str, Any], path: str = "<config>") -> Config:
     for name in ("auth_file", "auth_hba_file", "auth_user", "auth_dbname", "unix_socket_dir"):
         values[name] = reader.string(name, "")
     values["auth_query"] = reader.string("auth_query", DEFAULT_AUTH_QUERY, nonempty=True)
+    values["unix_socket_mode"] = _octal(reader, "unix_socket_mode", "0777")
     for name in (
         "auth_query_cache_ttl",
         "client_idle_timeout",
@@ -290,14 +292,6 @@ def _check_auth(config: Config) -> None:
     """Combinations that cannot work are refused at load time, not at first login."""
     path = config.path
     tls = config.client_tls
-    methods = {config.auth_type} | {rule.method for rule in config.hba_rules}
-    if any(rule.options for rule in config.hba_rules):
-        methods.add("cert")
-    if "cert" in methods and not tls.ca_file:
-        raise ConfigError(
-            f"{path}: auth_type: cert authentication needs client certificates: set "
-            "client_tls_ca_file (and client_tls_sslmode, key and cert)"
-        )
     for rule in config.hba_rules:
         for name, value in rule.options:
             if name != "clientcert" or value not in ("verify-ca", "verify-full"):
@@ -305,6 +299,14 @@ def _check_auth(config: Config) -> None:
                     f"{path}: auth_hba_file: line {rule.line}: unsupported option {name!r} "
                     "(pgmux supports clientcert=verify-ca and clientcert=verify-full)"
                 )
+    methods = {config.auth_type} | {rule.method for rule in config.hba_rules}
+    if any(rule.options for rule in config.hba_rules):
+        methods.add("cert")  # clientcert= needs client certificates too
+    if "cert" in methods and not tls.ca_file:
+        raise ConfigError(
+            f"{path}: auth_type: cert authentication needs client certificates: set "
+            "client_tls_ca_file (and client_tls_sslmode, key and cert)"
+        )
     if config.auth_user:
         user = config.auth_user
         if user not in config.users and user not in config.auth_file_users:
@@ -317,6 +319,17 @@ def _check_auth(config: Config) -> None:
             f"{path}: auth_dbname: {config.auth_dbname!r} is not one of the [databases] "
             f"({', '.join(sorted(config.databases))})"
         )
+
+
+def _octal(reader: _Reader, key: str, default: str) -> int:
+    text = reader.string(key, default, nonempty=True)
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise reader._fail(key, f'must be an octal file mode like "0777", got {text!r}') from None
+    if not 0 <= value <= 0o777:
+        raise reader._fail(key, f"must be between 0000 and 0777, got {text!r}")
+    return value
 
 
 def _tls(reader: _Reader, prefix: str, default_mode: str) -> TLSConfig:

@@ -64,6 +64,9 @@ def check_client(client: ClientConnection, now: float) -> None:
         condition, limit = "query", pool.query_timeout
     elif server.tx_status != codes.TX_IDLE and server.relaying:
         condition, limit = "idle in transaction", pool.idle_transaction_timeout
+    elif server.relaying and fe.idle:
+        # Session mode: linked between transactions, as idle as a client can be.
+        condition, limit = "idle", pool.client_idle_timeout
     else:
         client.watch = None
         return

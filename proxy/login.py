@@ -299,7 +299,8 @@ class Login:
         registry = client.registry
         config = registry.config
         credential = static_credential(config, client.user)
-        if credential is not None or not config.auth_user or client.user == config.auth_user:
+        known = credential is not None and credential.secret is not None
+        if known or not config.auth_user or client.user == config.auth_user:
             self._begin_auth(credential)
             return
         # Not in the config: ask PostgreSQL (auth_query), unless there is no database
