@@ -204,7 +204,10 @@ class ClientConnection(asyncio.Protocol):
         if end:
             server.transport.write(buf if end == len(buf) else memoryview(buf)[:end])  # type: ignore[union-attr]
         if terminated:
-            if fe.idle:
+            if fe.idle or not (fe.requests or fe.copy_in):
+                # Nothing awaits a reply (a batch left without Sync is closed by
+                # settle()): leave now, as PostgreSQL would.
+                self.terminating = True
                 self.close("client sent Terminate")
             else:
                 # Let what it sent before Terminate finish, as PostgreSQL does; the

@@ -119,7 +119,7 @@ class Login:
         except ProtocolError as exc:
             client.fail(ProtocolViolation(str(exc)))
         except AuthProtocolError as exc:
-            client.fail(ProtocolViolation(f"malformed SASL message: {exc}"))
+            client.fail(ProtocolViolation(str(exc)))
         except AuthError:
             client.fail(self._password_failed())
         except ProxyError as exc:
@@ -180,8 +180,9 @@ class Login:
         client = self.client
         context = client.registry.client_tls
         if context is None or client.is_unix:
-            log.info("%s: direct TLS connection refused: client TLS is off", client)
-            client.close("direct TLS while client_tls_sslmode = disable")
+            why = "on the unix socket" if client.is_unix else "client_tls_sslmode = disable"
+            log.info("%s: direct TLS connection refused (%s)", client, why)
+            client.close(f"direct TLS refused ({why})")
             return
         self.phase = PHASE_TLS
         self.tls = True

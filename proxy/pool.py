@@ -109,7 +109,8 @@ class Pool:
         self._open_server = open_server
         self.idle: deque[PooledServer] = deque()
         self.servers: set[PooledServer] = set()
-        self.connecting = 0
+        self.connecting = 0  # TCP connects in progress (not yet in servers)
+        self.logging_in = 0  # in servers, login in progress
         self.waiters: deque[PooledClient] = deque()
         self.n_waiting = 0
         # Learned from the first server login: what clients are told at login.
@@ -209,20 +210,27 @@ class Pool:
 
     def server_connected(self, server: PooledServer) -> None:
         self.connecting -= 1
+        self.logging_in += 1
         server.state = ServerState.LOGIN
         self.servers.add(server)
 
     def server_logged_in(self, server: PooledServer) -> None:
+        self.logging_in -= 1
         self.last_error = None
         self.release(server)
 
-    def server_closed(self, server: PooledServer) -> None:
-        """A server connection ended, for whatever reason; forget it."""
-        if server.state is ServerState.IDLE:
+    def _forget(self, server: PooledServer) -> None:
+        if server.state is ServerState.LOGIN:
+            self.logging_in -= 1
+        elif server.state is ServerState.IDLE:
             with contextlib.suppress(ValueError):
                 self.idle.remove(server)
         server.state = ServerState.CLOSED
         self.servers.discard(server)
+
+    def server_closed(self, server: PooledServer) -> None:
+        """A server connection ended, for whatever reason; forget it."""
+        self._forget(server)
         self._dispatch()
 
     def connect_failed(self, error: ProxyError) -> None:
@@ -234,16 +242,14 @@ class Pool:
         """A server connected but could not log in; it is gone."""
         if server.state is ServerState.CLOSED:
             return
-        server.state = ServerState.CLOSED
-        self.servers.discard(server)
+        self._forget(server)
         self._record_failure(error)
 
     def retry_with_tls(self, server: PooledServer) -> None:
         """server_tls_sslmode = allow and the server refused a plain login: the next
         connections use TLS, and this failure is not reported to anyone."""
         self.tls_fallback = True
-        server.state = ServerState.CLOSED
-        self.servers.discard(server)
+        self._forget(server)
         self._dispatch()
 
     def _record_failure(self, error: ProxyError) -> None:
@@ -253,6 +259,7 @@ class Pool:
         self.last_error = error
         self.last_error_at = time.monotonic()
         if not self.servers and not self.connecting:
+            # Nobody left who could serve the queue (a server still logging in counts).
             while (client := self._next_waiter()) is not None:
                 client.state = ClientState.IDLE
                 client.fail_wait(error)
@@ -260,7 +267,7 @@ class Pool:
     def _dispatch(self) -> None:
         """Open server connections while clients wait and the pool has room."""
         while (
-            self.n_waiting > self.connecting
+            self.n_waiting > self.connecting + self.logging_in
             and len(self.servers) + self.connecting < self.size
             and not self._retry_blocked()
         ):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, cast
@@ -105,6 +106,7 @@ class ServerConnection(asyncio.Protocol):
         "timer",
         "transport",
         "tx_status",
+        "used_tls",
         "write_paused",
     )
 
@@ -142,6 +144,7 @@ class ServerConnection(asyncio.Protocol):
         self.drain_fe: FrontendStream | None = None
         self.fatal = False
         self.ssl_answer_pending = False
+        self.used_tls = False
         self.rows: list[list[bytes | None]] | None = None
         self.paused = 0
         self.write_paused = False
@@ -234,6 +237,7 @@ class ServerConnection(asyncio.Protocol):
                 raise ProtocolError("server sent unencrypted data after its SSL answer")
             context = self.registry.server_tls
             assert context is not None and self.transport is not None
+            self.used_tls = True
             self.transport = TLSTransport(
                 self.transport,
                 self,
@@ -819,10 +823,12 @@ class ServerConnection(asyncio.Protocol):
                     reader, writer = await asyncio.open_unix_connection(path)
                 else:
                     reader, writer = await asyncio.open_connection(db.host, db.port)
+                    if self.used_tls:
+                        await self._cancel_over_tls(reader, writer)
                 writer.write(messages.cancel_request(self.backend_pid, self.backend_key))
                 await writer.drain()
                 await reader.read()  # PostgreSQL closes the connection once it is done
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
             log.warning("%s: forwarding cancel request failed: %s", self, exc)
         finally:
             if writer is not None:
@@ -831,6 +837,19 @@ class ServerConnection(asyncio.Protocol):
             if not self.cancel_pending and self.settle_after_cancel:
                 self.settle_after_cancel = False
                 self.settle(None)
+
+    async def _cancel_over_tls(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """The cancel key is a secret: send it encrypted when the session itself was."""
+        context = self.registry.server_tls
+        assert context is not None
+        writer.write(messages.SSL_REQUEST)
+        await writer.drain()
+        answer = await reader.readexactly(1)
+        if answer != b"S":
+            raise OSError(f"server answered SSLRequest for the cancel with {answer!r}")
+        await writer.start_tls(context, server_hostname=self.pool.settings.database.host)
 
     # -- flow control -----------------------------------------------------------------------
 
@@ -919,6 +938,11 @@ def _password_key(pool: Pool) -> str:
 
 
 def _login_hint(pool: Pool, fields: ErrorFields) -> str | None:
+    if fields.get("C") == "28000" and "no encryption" in fields.get("M", ""):
+        return (
+            "the server accepts pgmux only over TLS: set server_tls_sslmode = prefer "
+            "(or require) in the pgmux config"
+        )
     if fields.get("C") == "28P01":
         return (
             f"pgmux logs in to PostgreSQL with {_password_key(pool)}; it must match the "

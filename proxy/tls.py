@@ -198,24 +198,28 @@ class TLSTransport(asyncio.Transport, asyncio.Protocol):
             return
         chunks = []
         read = self._ssl.read
+        peer_closed = False
         while True:
             try:
                 chunk = read(262144)
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
-                self._flush()
-                self._raw.close()  # the peer sent close_notify
+                peer_closed = True
                 break
             except ssl.SSLError:
                 self._raw.abort()
                 break
             if not chunk:
+                peer_closed = True  # SSLObject.read gives b"" once close_notify arrived
                 break
             chunks.append(chunk)
         self._flush()
         if chunks and not self._closing:
             self._app.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if peer_closed:
+            # The peer ended TLS: it is gone, whether or not it also closed TCP.
+            self.close()
 
     def _handshake(self) -> bool:
         try:

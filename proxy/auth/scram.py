@@ -371,7 +371,8 @@ class ScramServerSession:
                 # RFC 5802 section 6: "y" means the client supports channel binding but
                 # believes the server does not. We offered -PLUS, so someone removed it
                 # from the mechanism list: a downgrade attack. The exchange must fail.
-                raise AuthError(
+                # Not a wrong password: PostgreSQL reports it as a protocol violation.
+                raise AuthProtocolError(
                     "SCRAM channel binding negotiation error: the client supports channel "
                     "binding but thinks the server does not, although it does"
                 )
@@ -436,7 +437,7 @@ class ScramServerSession:
             assert self._channel_binding is not None  # checked in client-first
             if not hmac.compare_digest(cbind_data, self._channel_binding[1]):
                 # The client hashed another certificate than ours: a man in the middle.
-                raise AuthError("SCRAM channel binding check failed")
+                raise AuthProtocolError("SCRAM channel binding check failed")
         elif cbind_data:
             raise AuthProtocolError(
                 f"malformed SCRAM {what}: unexpected channel binding data without 'p='"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -285,8 +285,9 @@ async def test_auth_file_scram_secret_absolute_path(
 
 
 @pytest.fixture
-def quoted_role(pg: PgCluster) -> tuple[str, str]:
-    """A role whose name and password hold double quotes and a space."""
+def quoted_role(pg: PgCluster) -> Iterator[tuple[str, str]]:
+    """A role whose name and password hold double quotes and a space (dropped after:
+    other tests compare the session cluster's roles)."""
     user, password = 'we"ird user', 'pa"ss "word'
     ident = '"' + user.replace('"', '""') + '"'
     pg.psql(
@@ -295,7 +296,9 @@ def quoted_role(pg: PgCluster) -> tuple[str, str]:
         f"GRANT CONNECT ON DATABASE {APP_DB} TO {ident}",
         dbname="postgres",
     )
-    return user, password
+    yield user, password
+    pg.psql(f"REVOKE CONNECT ON DATABASE {APP_DB} FROM {ident}", dbname="postgres")
+    pg.psql(f"DROP ROLE {ident}", dbname="postgres")
 
 
 async def test_auth_file_escaped_quotes(

@@ -25,7 +25,17 @@ from support.helpers import (
 )
 from support.pgcluster import APP_DB, APP_PASSWORD, APP_USER, PgCluster
 from support.pgmux import PgmuxFactory, PgmuxProcess
-from support.wire import RawClient, bind, copy_data, execute, flush, parse, query
+from support.wire import (
+    RawClient,
+    bind,
+    copy_data,
+    execute,
+    flush,
+    message,
+    parse,
+    query,
+    terminate,
+)
 
 
 @pytest.fixture
@@ -378,6 +388,26 @@ async def test_extended_batch_without_sync_then_disconnect(
         assert await asyncio.wait_for(conn.fetchval("SELECT now() = now()"), 5) is True
     finally:
         await conn.close()
+
+
+async def test_terminate_after_batch_without_sync(pool1: PgmuxProcess, su: Su) -> None:
+    """asyncpg's client-side DataError leaves Parse/Describe/Flush without Sync and then
+    closes: Terminate must close at once (as PostgreSQL does), not wait for a Sync."""
+    async with await RawClient.open(pool1.host, pool1.port) as client:
+        await client.login(APP_USER, APP_PASSWORD, APP_DB)
+        await client.send(parse("SELECT $1::text") + message(b"D", b"S\0") + flush())
+        got = await client.read_until(b"T")  # ParseComplete, ParameterDescription, RowDesc
+        assert got[0][0] == b"1", got
+        started = time.monotonic()
+        await client.send(terminate())
+        assert await client.read_until_eof(5) == b""
+        assert time.monotonic() - started < 2
+    conn = await connect_asyncpg(pool1)
+    try:
+        assert await asyncio.wait_for(conn.fetchval("SELECT 7"), 5) == 7
+    finally:
+        await conn.close()
+    await wait_until(lambda: _clean(su), 4, what="server idle, no transaction")
 
 
 # -- session settings the server reports (ParameterStatus) follow their client ------------

@@ -388,15 +388,17 @@ def test_channel_binding_wrong_certificate(secret: ScramSecret, cbind_data: byte
     header, bare = b"p=tls-server-end-point,,", b"n=,r=abc"
     server_first = server.handle_client_first(SCRAM_SHA_256_PLUS, header + bare)
     final = _client_final("secret", secret, bare, server_first, cbind_input=header + cbind_data)
-    _assert_raises_exactly(AuthError, server.handle_client_final, final)
+    # Not a wrong password but a man in the middle: a protocol violation, as in PostgreSQL.
+    error = _assert_raises_exactly(AuthProtocolError, server.handle_client_final, final)
+    assert str(error) == "SCRAM channel binding check failed"
 
 
-def test_channel_binding_downgrade_is_auth_error(secret: ScramSecret) -> None:
+def test_channel_binding_downgrade_is_protocol_error(secret: ScramSecret) -> None:
     # We offered -PLUS; a client saying "y" (supports binding, thinks we do not) means
-    # someone stripped -PLUS from the list on the way.
+    # someone stripped -PLUS from the list on the way (PostgreSQL: 08P01).
     server = _tls_server(secret)
     error = _assert_raises_exactly(
-        AuthError, server.handle_client_first, SCRAM_SHA_256, b"y,,n=,r=abc"
+        AuthProtocolError, server.handle_client_first, SCRAM_SHA_256, b"y,,n=,r=abc"
     )
     assert "channel binding" in str(error)
 
