@@ -13,6 +13,9 @@
 - ``client-app-badca.crt`` / ``.key``: CN=app, signed by the other CA.
 - ``client-app-expired.crt`` / ``.key``: CN=app, signed by the CA, valid only in 2000.
 
+Using them: ``client_ssl_context`` (asyncpg, raw sockets), ``libpq_ssl_params`` (psycopg,
+psql), and ``pgmux_client_tls`` / ``pgmux_server_tls`` (pgmux config overrides).
+
 Certificates are PEM, mode 0644; private keys are unencrypted PEM PKCS#8, mode 0600 and
 owned by whoever runs the tests. The directory is made mode 0755 if it does not exist.
 PostgreSQL never reads them here: ``PgCluster.create(tls=...)`` copies what the server
@@ -21,6 +24,7 @@ needs into its data directory, owned by the user the server runs as.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import ipaddress
 import os
@@ -97,6 +101,11 @@ class CertFiles:
     @property
     def client_app_expired(self) -> CertPair:
         return CertPair(self.client_app_expired_cert, self.client_app_expired_key)
+
+    def serving(self, pair: CertPair) -> CertFiles:
+        """The same files, with ``pair`` as the server certificate: for
+        ``PgCluster.create(tls=certs.serving(certs.wrong_host))``."""
+        return dataclasses.replace(self, server_cert=pair.cert, server_key=pair.key)
 
 
 Certs = CertFiles
@@ -315,3 +324,45 @@ def libpq_ssl_params(
         params["sslcert"] = str(client.cert)
         params["sslkey"] = str(client.key)
     return params
+
+
+def pgmux_client_tls(
+    certs: CertFiles,
+    sslmode: str = "prefer",
+    *,
+    server: CertPair | None = None,
+    ca: Path | None = None,
+    **extra: object,
+) -> dict[str, object]:
+    """pgmux config overrides for TLS towards clients: ``client_tls_sslmode``, pgmux's
+    certificate (``server``, default ``certs.server``), ``client_tls_ca_file`` when ``ca``
+    is given; ``extra`` are more keys as they are (``client_tls_protocols="tlsv1.3"``)."""
+    pair = server or certs.server
+    config: dict[str, object] = {
+        "client_tls_sslmode": sslmode,
+        "client_tls_key_file": str(pair.key),
+        "client_tls_cert_file": str(pair.cert),
+    }
+    if ca is not None:
+        config["client_tls_ca_file"] = str(ca)
+    config.update(extra)
+    return config
+
+
+def pgmux_server_tls(
+    sslmode: str,
+    *,
+    ca: Path | None = None,
+    client: CertPair | None = None,
+    **extra: object,
+) -> dict[str, object]:
+    """pgmux config overrides for TLS towards PostgreSQL: ``server_tls_sslmode``,
+    ``server_tls_ca_file`` and pgmux's own client certificate, when given."""
+    config: dict[str, object] = {"server_tls_sslmode": sslmode}
+    if ca is not None:
+        config["server_tls_ca_file"] = str(ca)
+    if client is not None:
+        config["server_tls_cert_file"] = str(client.cert)
+        config["server_tls_key_file"] = str(client.key)
+    config.update(extra)
+    return config

@@ -6,7 +6,8 @@
   unix socket, to look at ``pg_stat_activity`` and ``pg_locks`` behind pgmux's back.
 - ``app_backends`` / ``app_locks``: what the ``app`` role's backends do and hold.
 - ``wait_until`` / ``wait_until_sync``: poll a condition with a deadline.
-- ``psql_command`` / ``run_psql`` / ``tool_env``: psql and pgbench against pgmux.
+- ``psql_command`` / ``run_psql`` / ``tool_env``: psql and pgbench against pgmux;
+  ``run_psql_conninfo``: psql with a whole libpq conninfo (TLS parameters and all).
 - ``vm_rss_kib``: a process's resident set size from /proc.
 """
 
@@ -211,6 +212,24 @@ def run_psql(
         psql_command(pgmux, *args, **kwargs),
         env=tool_env(password),
         input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def run_psql_conninfo(
+    conninfo: str,
+    *args: str,
+    password: str = APP_PASSWORD,
+    timeout: float = 30,
+) -> subprocess.CompletedProcess[str]:
+    """psql -X -q -A -t -d CONNINFO ARGS; output captured, exit code not checked."""
+    return subprocess.run(
+        [find_client_tool("psql"), "-X", "-q", "-A", "-t", "-d", conninfo, *args],
+        env=tool_env(password),
+        stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -7,8 +7,12 @@ encoders would share its bugs.
   ``message``, ``query``, ``parse``, ``bind``, ``execute``, ``sync``, ``flush``, ``copy_data``,
   ``copy_done``, ``terminate``.
 - ``RawClient``: an asyncio stream to pgmux (or PostgreSQL) that reads whole messages
-  and can log in (trust, cleartext, md5, SCRAM-SHA-256) and run simple queries.
+  and can log in (trust, cleartext, md5, SCRAM-SHA-256 and SCRAM-SHA-256-PLUS) and run
+  simple queries. TLS either way: ``RawClient.open(..., ssl_context=ctx)`` is TLS from the
+  first byte (PostgreSQL 17's direct TLS; give the context ALPN "postgresql"), and
+  ``request_tls(ctx)`` is the SSLRequest upgrade of a plain connection.
 - ``parse_fields``: the fields of an ErrorResponse / NoticeResponse.
+- ``tls_server_end_point``: RFC 5929 channel binding data of a DER certificate.
 """
 
 from __future__ import annotations
@@ -19,9 +23,13 @@ import contextlib
 import hashlib
 import hmac
 import os
+import ssl
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 PROTOCOL_3_0 = 3 << 16
 SSL_REQUEST_CODE = 80877103
@@ -34,6 +42,10 @@ AUTH_MD5 = 5
 AUTH_SASL = 10
 AUTH_SASL_CONTINUE = 11
 AUTH_SASL_FINAL = 12
+
+SCRAM_SHA_256 = "SCRAM-SHA-256"
+SCRAM_SHA_256_PLUS = "SCRAM-SHA-256-PLUS"
+ALPN_POSTGRESQL = "postgresql"
 
 _INT32 = struct.Struct("!I")
 _HEADER = struct.Struct("!cI")
@@ -155,11 +167,58 @@ class RawClient:
         self.params: dict[str, str] = {}
         self.backend_pid = 0
         self.backend_key = 0
+        self.sasl_mechanisms: list[str] = []  # offered by the last AuthenticationSASL
+        self.mechanism = ""  # the SASL mechanism ``login`` chose
 
     @classmethod
-    async def open(cls, host: str, port: int) -> RawClient:
-        reader, writer = await asyncio.open_connection(host, port)
+    async def open(
+        cls,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+    ) -> RawClient:
+        """Connect; with ``ssl_context`` the TLS handshake starts at once (direct TLS)."""
+        if ssl_context is None:
+            reader, writer = await asyncio.open_connection(host, port)
+        else:
+            reader, writer = await asyncio.open_connection(
+                host, port, ssl=ssl_context, server_hostname=server_hostname or host
+            )
         return cls(reader, writer)
+
+    async def request_tls(
+        self, context: ssl.SSLContext, server_hostname: str | None = None
+    ) -> bytes:
+        """Send SSLRequest; on ``S`` run the TLS handshake over this connection.
+
+        Returns the one-byte answer (``b"S"`` or ``b"N"``); an ErrorResponse or a close
+        instead of an answer raises. The handshake's own errors (``ssl.SSLError``,
+        ``ConnectionError``) propagate.
+        """
+        await self.send(ssl_request())
+        answer = await self.read_exactly(1)
+        if answer == b"S":
+            host = server_hostname or str(self.writer.get_extra_info("peername")[0])
+            await self.writer.start_tls(context, server_hostname=host)
+        return answer
+
+    @property
+    def ssl_object(self) -> ssl.SSLObject | None:
+        """The TLS session, or None on a plain connection."""
+        obj: ssl.SSLObject | None = self.writer.get_extra_info("ssl_object")
+        return obj
+
+    def channel_binding_data(self) -> bytes:
+        """tls-server-end-point data for the certificate the server presented."""
+        obj = self.ssl_object
+        if obj is None:
+            raise AssertionError("channel binding needs a TLS connection")
+        der = obj.getpeercert(binary_form=True)
+        if der is None:
+            raise AssertionError("the server presented no certificate")
+        return tls_server_end_point(der)
 
     async def send(self, data: bytes) -> None:
         self.writer.write(data)
@@ -208,11 +267,19 @@ class RawClient:
         params: Mapping[str, str] | None = None,
         *,
         send_startup: bool = True,
+        channel_binding: bool | bytes = False,
+        gs2_flag: str = "n",
     ) -> None:
         """Startup and authentication up to the first ReadyForQuery.
 
         Raises ``ServerError`` on an ErrorResponse. ``send_startup=False`` when the
-        caller has already sent the startup packet itself.
+        caller has already sent the startup packet itself. ``channel_binding``: True
+        insists on SCRAM-SHA-256-PLUS with the binding data of the server's certificate
+        (AssertionError if it is not offered); bytes: the same with these bytes as the
+        binding data (a man in the middle's). The chosen mechanism ends up in
+        ``self.mechanism``, the offered ones in ``self.sasl_mechanisms``. ``gs2_flag``
+        (without channel binding): "n", or "y" for a client that supports channel binding
+        but believes the server does not (what libpq sends on TLS when -PLUS is missing).
         """
         if send_startup:
             await self.send(startup_packet({"user": user, "database": database, **(params or {})}))
@@ -229,9 +296,26 @@ class RawClient:
                 elif code == AUTH_MD5:
                     await self.send(message(b"p", _cstring(md5_password(user, password, payload))))
                 elif code == AUTH_SASL:
-                    scram = _ScramClient(password)
+                    self.sasl_mechanisms = [
+                        name.decode() for name in payload.split(b"\x00") if name
+                    ]
+                    if channel_binding is False:
+                        self.mechanism = SCRAM_SHA_256
+                        scram = _ScramClient(password, f"{gs2_flag},,")
+                    else:
+                        if SCRAM_SHA_256_PLUS not in self.sasl_mechanisms:
+                            raise AssertionError(
+                                f"SCRAM-SHA-256-PLUS not offered: {self.sasl_mechanisms}"
+                            )
+                        data = (
+                            channel_binding
+                            if isinstance(channel_binding, bytes)
+                            else self.channel_binding_data()
+                        )
+                        self.mechanism = SCRAM_SHA_256_PLUS
+                        scram = _ScramClient(password, "p=tls-server-end-point,,", data)
                     first = scram.client_first()
-                    body = _cstring("SCRAM-SHA-256") + _INT32.pack(len(first)) + first
+                    body = _cstring(self.mechanism) + _INT32.pack(len(first)) + first
                     await self.send(message(b"p", body))
                 elif code == AUTH_SASL_CONTINUE:
                     assert scram is not None
@@ -311,17 +395,32 @@ def md5_password(user: str, password: str, salt: bytes) -> str:
     return "md5" + hashlib.md5(inner.encode() + salt).hexdigest()
 
 
-class _ScramClient:
-    """RFC 5802 / 7677 client side, no channel binding, as libpq does without TLS."""
+def tls_server_end_point(der: bytes) -> bytes:
+    """RFC 5929 section 4.1: the certificate hashed with its signature's hash algorithm,
+    SHA-256 instead of MD5 or SHA-1."""
+    algorithm = x509.load_der_x509_certificate(der).signature_hash_algorithm
+    if algorithm is None or isinstance(algorithm, hashes.MD5 | hashes.SHA1):
+        algorithm = hashes.SHA256()
+    digest = hashes.Hash(algorithm)
+    digest.update(der)
+    return digest.finalize()
 
-    def __init__(self, password: str) -> None:
+
+class _ScramClient:
+    """RFC 5802 / 7677 client side: without channel binding (gs2 header ``n,,``, as
+    libpq does without TLS), or SCRAM-SHA-256-PLUS with ``p=tls-server-end-point,,`` and
+    the binding data."""
+
+    def __init__(self, password: str, gs2_header: str = "n,,", cbind_data: bytes = b"") -> None:
         self.password = password.encode()
+        self.gs2_header = gs2_header
+        self.cbind_data = cbind_data
         self.nonce = base64.b64encode(os.urandom(18)).decode()
         self.client_first_bare = f"n=,r={self.nonce}"
         self.server_signature = b""
 
     def client_first(self) -> bytes:
-        return ("n,," + self.client_first_bare).encode()
+        return (self.gs2_header + self.client_first_bare).encode()
 
     def client_final(self, server_first: bytes) -> bytes:
         text = server_first.decode()
@@ -332,7 +431,8 @@ class _ScramClient:
         salted = hashlib.pbkdf2_hmac("sha256", self.password, salt, iterations)
         client_key = hmac.digest(salted, b"Client Key", "sha256")
         stored_key = hashlib.sha256(client_key).digest()
-        without_proof = f"c=biws,r={nonce}"
+        cbind = base64.b64encode(self.gs2_header.encode() + self.cbind_data).decode()
+        without_proof = f"c={cbind},r={nonce}"
         auth_message = f"{self.client_first_bare},{text},{without_proof}".encode()
         signature = hmac.digest(stored_key, auth_message, "sha256")
         proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
