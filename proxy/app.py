@@ -57,6 +57,16 @@ class App:
         registry.open_server = lambda pool: open_server(registry, pool)
         registry.open_admin = AdminSession
         registry.auth_query = AuthQuery(registry)
+        # The unix socket first: once the TCP port answers, everything is ready.
+        if config.unix_socket_dir:
+            path = f"{config.unix_socket_dir}/.s.PGSQL.{config.listen_port}"
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # left behind by a previous run that was killed
+            listener = await loop.create_unix_server(
+                lambda: ClientConnection(registry), path, backlog=config.listen_backlog
+            )
+            os.chmod(path, config.unix_socket_mode)  # who may connect (PgBouncer: 0777)
+            self.listeners.append(listener)
         hosts = [h.strip() for h in config.listen_addr.split(",") if h.strip()]
         for host in hosts:
             bind = None if host == "*" else host
@@ -67,15 +77,6 @@ class App:
                 backlog=config.listen_backlog,
                 reuse_address=True,
             )
-            self.listeners.append(listener)
-        if config.unix_socket_dir:
-            path = f"{config.unix_socket_dir}/.s.PGSQL.{config.listen_port}"
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)  # left behind by a previous run that was killed
-            listener = await loop.create_unix_server(
-                lambda: ClientConnection(registry), path, backlog=config.listen_backlog
-            )
-            os.chmod(path, config.unix_socket_mode)  # who may connect (PgBouncer: 0777)
             self.listeners.append(listener)
         addresses = ", ".join(
             _format_addr(sock.getsockname()) for lst in self.listeners for sock in lst.sockets
