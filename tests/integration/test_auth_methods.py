@@ -10,7 +10,6 @@ import asyncio
 import os
 import stat
 import time
-from collections.abc import Awaitable
 from pathlib import Path
 
 import asyncpg
@@ -29,8 +28,8 @@ from support.helpers import (
     Su,
     connect_asyncpg,
     connect_psycopg,
+    error_of,
     fetch_value,
-    postgres_error,
     run_psql,
     wait_until,
 )
@@ -61,15 +60,6 @@ from proxy import __version__
 from proxy.auth import ScramSecret
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-async def _error_of(coro: Awaitable[object]) -> asyncpg.PostgresError:
-    """The PostgreSQL error (made by pgmux) that ``coro`` fails with."""
-    try:
-        await coro
-    except (asyncpg.PostgresError, asyncpg.ConnectionDoesNotExistError) as exc:
-        return postgres_error(exc)
-    raise AssertionError("expected an error")
 
 
 async def _query_as(
@@ -153,7 +143,7 @@ async def test_plain_auth_any_secret_kind(
     )
     assert await first_auth_request(pgmux.host, pgmux.port, user) == (AUTH_CLEARTEXT, None)
     await _all_clients_work(pgmux, user, password)
-    error = await _error_of(connect_asyncpg(pgmux, user, "wrong"))
+    error = await error_of(connect_asyncpg(pgmux, user, "wrong"))
     assert error.sqlstate == "28P01"
     assert error.message == f'password authentication failed for user "{user}"'
     proc = run_psql(pgmux, "-c", "SELECT 1", user=user, password="wrong")
@@ -163,8 +153,8 @@ async def test_plain_auth_any_secret_kind(
 
 async def test_plain_auth_unknown_user(pgmux_factory: PgmuxFactory) -> None:
     pgmux = pgmux_factory({"auth_type": "plain"})
-    wrong = await _error_of(connect_asyncpg(pgmux, APP_USER, "wrong"))
-    unknown = await _error_of(connect_asyncpg(pgmux, "nosuch", "wrong"))
+    wrong = await error_of(connect_asyncpg(pgmux, APP_USER, "wrong"))
+    unknown = await error_of(connect_asyncpg(pgmux, "nosuch", "wrong"))
     assert type(unknown) is type(wrong) is asyncpg.InvalidPasswordError
     assert unknown.message == 'password authentication failed for user "nosuch"'
 
@@ -198,7 +188,7 @@ async def test_md5_auth_plaintext_users(
     pgmux = pgmux_factory({"auth_type": "md5"})
     assert await first_auth_request(pgmux.host, pgmux.port, user) == (AUTH_MD5, None)
     await _all_clients_work(pgmux, user, password)
-    error = await _error_of(connect_asyncpg(pgmux, user, "wrong"))
+    error = await error_of(connect_asyncpg(pgmux, user, "wrong"))
     assert error.sqlstate == "28P01"
 
 
@@ -255,12 +245,12 @@ async def test_hba_methods_per_line(hba_pgmux: PgmuxProcess) -> None:
     await _all_clients_work(pgmux, MD5_USER, MD5_PASSWORD)
     assert await _query_as(pgmux, APP_USER, APP_PASSWORD, "other") == (APP_USER, APP_DB)
     assert await _query_as(pgmux, MD5_USER, MD5_PASSWORD, "other") == (MD5_USER, APP_DB)
-    error = await _error_of(connect_asyncpg(pgmux, APP_USER, "wrong"))
+    error = await error_of(connect_asyncpg(pgmux, APP_USER, "wrong"))
     assert error.sqlstate == "28P01"
 
 
 async def test_hba_reject_line(hba_pgmux: PgmuxProcess) -> None:
-    error = await _error_of(connect_asyncpg(hba_pgmux, "nobody", "whatever"))
+    error = await error_of(connect_asyncpg(hba_pgmux, "nobody", "whatever"))
     assert error.sqlstate == "28000"
     assert error.message == (
         'pg_hba.conf rejects connection for host "127.0.0.1", user "nobody", '
@@ -280,7 +270,7 @@ async def test_hba_reject_line(hba_pgmux: PgmuxProcess) -> None:
     ],
 )
 async def test_hba_no_matching_line(hba_pgmux: PgmuxProcess, user: str, dbname: str) -> None:
-    error = await _error_of(connect_asyncpg(hba_pgmux, user, "whatever", dbname))
+    error = await error_of(connect_asyncpg(hba_pgmux, user, "whatever", dbname))
     assert error.sqlstate == "28000"
     assert error.message == (
         f'no pg_hba.conf entry for host "127.0.0.1", user "{user}", database "{dbname}", '
@@ -390,7 +380,7 @@ async def test_unix_socket_hba_local_trust(pgmux_factory: PgmuxFactory, workdir:
         assert result.rows == [[APP_USER]]
     # ... while TCP still needs one.
     assert await first_auth_request(pgmux.host, pgmux.port, APP_USER) == (AUTH_SASL, None)
-    error = await _error_of(connect_asyncpg(pgmux, APP_USER, "wrong"))
+    error = await error_of(connect_asyncpg(pgmux, APP_USER, "wrong"))
     assert error.sqlstate == "28P01"
     assert await _query_as(pgmux, APP_USER, APP_PASSWORD) == (APP_USER, APP_DB)
     # A local reject line names the socket as PostgreSQL does.
@@ -457,7 +447,7 @@ async def test_admin_console_stats_user(admin_pgmux: PgmuxProcess) -> None:
 
 async def test_admin_console_refusals(admin_pgmux: PgmuxProcess) -> None:
     # A real user with the right password is not an admin.
-    error = await _error_of(connect_asyncpg(admin_pgmux, APP_USER, APP_PASSWORD, "pgbouncer"))
+    error = await error_of(connect_asyncpg(admin_pgmux, APP_USER, APP_PASSWORD, "pgbouncer"))
     assert error.sqlstate == "28000"
     assert "admin console" in error.message
     assert "admin_users" in f"{error.message} {error.hint}"
@@ -470,7 +460,7 @@ async def test_admin_console_refusals(admin_pgmux: PgmuxProcess) -> None:
     assert info.value.sqlstate == "28P01"
     assert info.value.fields["M"] == 'password authentication failed for user "admin"'
     # The admin is no PostgreSQL role: admin_users do not make it one.
-    error = await _error_of(connect_asyncpg(admin_pgmux, "admin", ADMIN_PASSWORD))
+    error = await error_of(connect_asyncpg(admin_pgmux, "admin", ADMIN_PASSWORD))
     assert error.sqlstate == "28P01"  # PostgreSQL refuses pgmux's server login
 
 
@@ -549,7 +539,7 @@ async def test_user_query_wait_timeout(pgmux_factory: PgmuxFactory) -> None:
         async with a.transaction():
             await a.fetchval("SELECT 1")
             started = time.monotonic()
-            error = await _error_of(asyncio.wait_for(b.fetchval("SELECT 2"), 8))
+            error = await error_of(asyncio.wait_for(b.fetchval("SELECT 2"), 8))
             elapsed = time.monotonic() - started
         assert error.sqlstate == "57014"
         assert "query_wait_timeout" in error.message

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,8 @@ from support.helpers import (
     Su,
     connect_asyncpg,
     connect_psycopg,
+    error_of,
     fetch_all,
-    postgres_error,
     run_psql,
     wait_until,
 )
@@ -82,15 +82,6 @@ def _works_psql(pgmux: PgmuxProcess, user: str, password: str) -> None:
     assert proc.stdout.strip() == user
 
 
-async def _error_of(coro: Awaitable[object]) -> asyncpg.PostgresError:
-    """The PostgreSQL error (made by pgmux) that ``coro`` fails with."""
-    try:
-        await coro
-    except (asyncpg.PostgresError, asyncpg.ConnectionDoesNotExistError) as exc:
-        return postgres_error(exc)
-    raise AssertionError("expected an error")
-
-
 async def _login_error(
     pgmux: PgmuxProcess, user: str, password: str, dbname: str = APP_DB
 ) -> asyncpg.PostgresError:
@@ -103,11 +94,11 @@ async def _login_error(
         finally:
             await conn.close()
 
-    return await _error_of(login_and_query())
+    return await error_of(login_and_query())
 
 
 async def _wrong_password_error(pgmux: PgmuxProcess, user: str) -> asyncpg.PostgresError:
-    return await _error_of(connect_asyncpg(pgmux, user, "certainly-wrong"))
+    return await error_of(connect_asyncpg(pgmux, user, "certainly-wrong"))
 
 
 async def _auth_user_databases(su: Su) -> set[str]:
@@ -174,7 +165,7 @@ async def test_users_md5_hash_with_scram_auth_fails_like_wrong_password(
     pgmux = pgmux_factory({"users": {MD5_USER: {"password": md5_hash(MD5_USER, MD5_PASSWORD)}}})
     reference = await _wrong_password_error(pgmux, APP_USER)
     since = len(pgmux.log())
-    error = await _error_of(connect_asyncpg(pgmux, MD5_USER, MD5_PASSWORD))
+    error = await error_of(connect_asyncpg(pgmux, MD5_USER, MD5_PASSWORD))
     _assert_looks_like_wrong_password(error, reference, MD5_USER, APP_USER)
     line = pgmux.wait_for_log("md5-hashed password", since=since)
     assert MD5_USER in line and "[users]" in line and "SCRAM" in line
@@ -321,7 +312,7 @@ async def test_users_table_takes_precedence_over_auth_file(
     )
     pgmux = pgmux_factory({"auth_file": str(path)})
     await _works(pgmux, APP_USER, APP_PASSWORD)
-    assert (await _error_of(connect_asyncpg(pgmux, APP_USER, "filepw"))).sqlstate == "28P01"
+    assert (await error_of(connect_asyncpg(pgmux, APP_USER, "filepw"))).sqlstate == "28P01"
     # md5user is in [users] as well (default config): the file's entry is ignored.
     await _works(pgmux, MD5_USER, MD5_PASSWORD)
 
@@ -382,13 +373,13 @@ async def test_auth_query_passthru_logs_in(pgmux_factory: PgmuxFactory, su: Su) 
 async def test_auth_query_refusals_look_like_wrong_passwords(pgmux_factory: PgmuxFactory) -> None:
     pgmux = pgmux_factory(_auth_query_config())
     reference = await _wrong_password_error(pgmux, APP_USER)
-    wrong = await _error_of(connect_asyncpg(pgmux, PASSTHRU_USER, "wrong"))
+    wrong = await error_of(connect_asyncpg(pgmux, PASSTHRU_USER, "wrong"))
     _assert_looks_like_wrong_password(wrong, reference, PASSTHRU_USER, APP_USER)
     # expired: VALID UNTIL 2000, so auth_query returns a NULL secret, even with the
     # right password.
-    expired = await _error_of(connect_asyncpg(pgmux, EXPIRED_USER, EXPIRED_PASSWORD))
+    expired = await error_of(connect_asyncpg(pgmux, EXPIRED_USER, EXPIRED_PASSWORD))
     _assert_looks_like_wrong_password(expired, reference, EXPIRED_USER, APP_USER)
-    unknown = await _error_of(connect_asyncpg(pgmux, "nosuch", "whatever"))
+    unknown = await error_of(connect_asyncpg(pgmux, "nosuch", "whatever"))
     _assert_looks_like_wrong_password(unknown, reference, "nosuch", APP_USER)
     assert unknown.message == 'password authentication failed for user "nosuch"'
     # psycopg sees the same
@@ -417,7 +408,7 @@ async def test_auth_query_storm_runs_the_query_once(
         assert counter.calls(PASSTHRU_USER) == 1
         # Unknown users are cached too: a probe storm does not reach PostgreSQL either.
         for _ in range(3):
-            error = await _error_of(connect_asyncpg(pgmux, "nosuch", "x"))
+            error = await error_of(connect_asyncpg(pgmux, "nosuch", "x"))
             assert error.sqlstate == "28P01"
         assert counter.calls("nosuch") == 1
     finally:
@@ -546,11 +537,11 @@ async def test_auth_file_takes_precedence_over_auth_query(
     try:
         path = write_userlist(workdir / "userlist.txt", {PASSTHRU_USER: "filepw"})
         pgmux = pgmux_factory(_auth_query_config(counter.query, auth_file=str(path)))
-        error = await _error_of(connect_asyncpg(pgmux, PASSTHRU_USER, PASSTHRU_PASSWORD))
+        error = await error_of(connect_asyncpg(pgmux, PASSTHRU_USER, PASSTHRU_PASSWORD))
         assert error.sqlstate == "28P01"
         assert counter.calls(PASSTHRU_USER) == 0
         # Users in neither file nor [users] are looked up.
-        error = await _error_of(connect_asyncpg(pgmux, EXPIRED_USER, EXPIRED_PASSWORD))
+        error = await error_of(connect_asyncpg(pgmux, EXPIRED_USER, EXPIRED_PASSWORD))
         assert error.sqlstate == "28P01"
         assert counter.calls(EXPIRED_USER) == 1
     finally:

@@ -91,6 +91,15 @@ Su = psycopg.AsyncConnection[TupleRow]
 """A superuser connection to PostgreSQL itself."""
 
 
+async def error_of(coro: Awaitable[object]) -> asyncpg.PostgresError:
+    """The PostgreSQL error (made by pgmux) that ``coro`` fails with."""
+    try:
+        await coro
+    except (asyncpg.PostgresError, asyncpg.ConnectionDoesNotExistError) as exc:
+        return postgres_error(exc)
+    raise AssertionError("expected an error")
+
+
 async def superuser(pg: PgCluster) -> Su:
     """A superuser autocommit connection to PostgreSQL itself (not through pgmux)."""
     kwargs = pg.superuser_kwargs()
