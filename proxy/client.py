@@ -19,10 +19,11 @@ from .config import DatabaseConfig
 from .errors import InvalidParameter, LoginTimeout, ProtocolViolation, ProxyError, ShuttingDown
 from .login import Login
 from .pool import ClientState, Pool, Registry, ServerState, Settings, link, unlink
+from .prepared import Statement, rewrite_requests
 from .protocol import codes, messages
 from .protocol.errors import ProtocolError
 from .protocol.startup import CancelRequest
-from .protocol.stream import FrontendStream
+from .protocol.stream import TRACKED_FRONTEND, FrontendStream
 from .server import (
     PAUSE_CLIENT_FULL,
     WRITE_HIGH_WATER,
@@ -30,6 +31,7 @@ from .server import (
     ServerConnection,
     tune_socket,
 )
+from .session_state import LOAD_TAG
 from .users import Credential
 
 log = logging.getLogger("pgmux.client")
@@ -62,14 +64,19 @@ class ClientConnection(asyncio.Protocol):
         "host",
         "id",
         "is_unix",
+        "last_sql",
+        "loaded",
         "login",
         "paused",
         "pending",
+        "pinned",
         "pool",
         "registry",
         "server",
         "settings",
         "state",
+        "state_check",
+        "statements",
         "terminating",
         "timer",
         "transport",
@@ -105,6 +112,14 @@ class ClientConnection(asyncio.Protocol):
         self.cancel_key = 0
         self.wait_started = 0.0
         self.terminating = False
+        # Session state (session_state.py, prepared.py): client statement name ->
+        # Statement, whether the transaction needs a state check, why the client keeps
+        # its server, LOAD ran, and the last SQL seen (for the pin log line).
+        self.statements: dict[bytes, Statement] | None = None
+        self.state_check = False
+        self.pinned: list[str] | None = None
+        self.loaded = False
+        self.last_sql = b""
         # The janitor's note for client timeouts: ((condition, sent, answered), since, acted).
         self.watch: tuple[tuple[str, int, int], float, bool] | None = None
         self.connected_at = time.monotonic()
@@ -178,9 +193,15 @@ class ClientConnection(asyncio.Protocol):
             if server.on_ready is None:
                 # Left while linked: settle() drains, rolls back or closes the server.
                 # (With pgmux's own query in flight, its callback settles the server.)
-                server.settle(
-                    self.fe, reset=self.pool.mode == "session", cancel=not self.terminating
-                )
+                if self.loaded:
+                    server.close("its client ran LOAD, which cannot be undone")
+                else:
+                    server.settle(
+                        self.fe,
+                        reset=self.pool.mode == "session",
+                        cancel=not self.terminating,
+                        discard=self.pinned is not None,
+                    )
         if self.welcomed and registry.config.log_disconnections:
             log.info(
                 "%s: closing (%s), connected %.1f s",
@@ -197,12 +218,16 @@ class ClientConnection(asyncio.Protocol):
         fe = self.fe
         copy_in = fe.copy_in
         try:
-            buf, end, terminated = fe.feed(data)
+            buf, end, events, terminated = fe.feed(data)
+            if events:
+                out = rewrite_requests(self, server, buf, end, events)
+            else:
+                out = buf if end == len(buf) else memoryview(buf)[:end]
         except ProtocolError as exc:
             self.fail(ProtocolViolation(str(exc)))
             return
         if end:
-            server.transport.write(buf if end == len(buf) else memoryview(buf)[:end])  # type: ignore[union-attr]
+            server.transport.write(out)  # type: ignore[union-attr]
         if terminated:
             if fe.idle or not (fe.requests or fe.copy_in):
                 # Nothing awaits a reply (a batch left without Sync is closed by
@@ -221,7 +246,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _start_request(self, data: bytes) -> None:
         """A logged-in client without a server sent something: get it a server."""
-        if data[0] == codes.F_TERMINATE and len(data) == 5 and not self.fe.mid_message:
+        if data[0] == codes.F_TERMINATE and len(data) == 5 and not self.fe.partial:
             self.close("client sent Terminate")
             return
         if self.registry.shutting_down:
@@ -245,7 +270,7 @@ class ClientConnection(asyncio.Protocol):
         link(self, server)
         self._sync_flow(server)
         if server.settings is self.settings and self.welcomed:
-            self._relay_pending(server)
+            self.relay_pending(server)
         else:
             self._apply_settings(server)
 
@@ -276,9 +301,9 @@ class ClientConnection(asyncio.Protocol):
             server.settle(None)
             self._welcome()
             return
-        self._relay_pending(server)
+        self.relay_pending(server)
 
-    def _relay_pending(self, server: ServerConnection) -> None:
+    def relay_pending(self, server: ServerConnection) -> None:
         """The server is ready for this client: send what it sent meanwhile."""
         server.relaying = True
         pending = self.pending
@@ -324,6 +349,34 @@ class ClientConnection(asyncio.Protocol):
             return
         self.resume_reading(PAUSE_WAITING)
         self.data_received(b"".join(pending))
+
+    def note_tag(self, tag: bytes) -> None:
+        """A CommandComplete tag after which session state may have changed."""
+        self.state_check = True
+        if tag == LOAD_TAG:
+            self.loaded = True
+
+    def pin(self, server: ServerConnection, reasons: list[str]) -> None:
+        """Session state that cannot follow the client: it keeps this server."""
+        new = [reason for reason in reasons if not self.pinned or reason not in self.pinned]
+        self.pinned = reasons
+        counts = self.registry.pin_counts
+        for reason in new:
+            counts[reason] = counts.get(reason, 0) + 1
+        if new:
+            log.info(
+                "%s: pinned to %s (application_name=%s): %s; statement: %s",
+                self,
+                server,
+                dict(self.settings).get("application_name", ""),
+                ", ".join(new),
+                self.last_sql[:200].decode("utf-8", "replace"),
+            )
+
+    def unpin(self, server: ServerConnection) -> None:
+        if self.pinned:
+            log.info("%s: session state cleared; %s goes back to the pool", self, server)
+            self.pinned = None
 
     def setting_reported(self, name: str, value: str) -> None:
         """The server reported a parameter change (ParameterStatus) during our session.
@@ -392,6 +445,8 @@ class ClientConnection(asyncio.Protocol):
         registry = self.registry
         pool = self.pool = registry.pool_for(database, self.user, credential)
         self.settings = pool.intern(self.settings)
+        if pool.mode != "session":
+            self.fe.interesting = TRACKED_FRONTEND
         error = pool.login_retry_error()
         if error is not None:
             raise ProxyError(

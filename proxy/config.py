@@ -118,6 +118,8 @@ class Config:
     query_timeout: float = 0.0
     unix_socket_dir: str = ""
     unix_socket_mode: int = 0o777
+    max_prepared_statements: int = 200
+    session_state: str = "pin"
     client_tls: TLSConfig = field(default_factory=TLSConfig)
     server_tls: TLSConfig = field(default_factory=lambda: TLSConfig(sslmode="prefer"))
     admin_users: tuple[str, ...] = ()
@@ -212,6 +214,8 @@ def parse_config(raw: Mapping[str, Any], path: str = "<config>") -> Config:
         values[name] = reader.string(name, "")
     values["auth_query"] = reader.string("auth_query", DEFAULT_AUTH_QUERY, nonempty=True)
     values["unix_socket_mode"] = _octal(reader, "unix_socket_mode", "0777")
+    values["max_prepared_statements"] = reader.integer("max_prepared_statements", 200, 0)
+    values["session_state"] = reader.choice("session_state", "pin", ("pin", "error"))
     for name in (
         "auth_query_cache_ttl",
         "client_idle_timeout",

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import Config, DatabaseConfig
 from .errors import ProxyError, QueryWaitTimeout, ServerUnreachable
+from .prepared import StatementNames
 from .users import Credential, SecretCache
 
 if TYPE_CHECKING:
@@ -389,6 +390,9 @@ class Registry:
             [DatabaseConfig, str, Callable[[Credential | None, ProxyError | None], None]], None
         ] = _no_auth_query
         self.secrets = SecretCache()
+        self.statement_names = StatementNames()
+        # How often clients were pinned to a server, by reason (for metrics).
+        self.pin_counts: dict[str, int] = {}
         self.salted_password_cache: dict[tuple[bytes, bytes, int], bytes] = {}
         self.mock_key = secrets.token_bytes(32)
         self.client_tls = client_tls

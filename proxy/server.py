@@ -14,12 +14,14 @@ import logging
 import socket
 import ssl
 import time
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, cast
 
 from .auth import AuthError, ScramClientSession, md5_response
 from .errors import ProxyError, ServerConnectionLost, ServerLoginFailed, ServerUnreachable
 from .pool import NO_SETTINGS, Pool, Registry, ServerState, Settings
+from .prepared import Op, batch_done, error_reply, evictions, forget_statements, reply_for
 from .protocol import codes, messages
 from .protocol.errors import ProtocolError
 from .protocol.reader import MessageReader
@@ -30,6 +32,13 @@ from .protocol.stream import (
     Event,
     FrontendStream,
     interesting_table,
+)
+from .session_state import (
+    FORGET_STATEMENTS_TAGS,
+    LOAD_REASON,
+    REASONS,
+    STATE_QUERY,
+    STATE_TAGS,
 )
 from .tls import TLSTransport
 from .users import Credential
@@ -46,8 +55,9 @@ WRITE_LOW_WATER = 64 * 1024
 # Reasons a server's reading is paused (bit mask).
 PAUSE_CLIENT_FULL = 1
 
-# Statement mode also watches CommandComplete, to hold back a BEGIN it will refuse.
-STATEMENT_INTERESTING = interesting_table(b"ZSEGC")
+# Transaction and statement modes also watch CommandComplete (session state, and a
+# BEGIN refused in statement mode), ParseComplete and CloseComplete (prepared statements).
+TRACKED_INTERESTING = interesting_table(b"ZSEGC13")
 _BEGIN_TAGS = (b"BEGIN", b"START TRANSACTION")
 
 # pgmux's own queries that return rows (auth_query) also read DataRow whole.
@@ -81,19 +91,22 @@ class ServerConnection(asyncio.Protocol):
         "cancel_pending",
         "client",
         "created_at",
+        "discard_pending",
         "drain_fe",
         "error_fields",
         "fatal",
         "held",
         "id",
         "idle_since",
+        "markers",
         "on_ready",
+        "ops",
         "params",
         "paused",
         "pool",
+        "prepared",
         "reader",
         "registry",
-        "relay",
         "relaying",
         "reset_pending",
         "rows",
@@ -102,6 +115,7 @@ class ServerConnection(asyncio.Protocol):
         "settle_after_cancel",
         "ssl_answer_pending",
         "state",
+        "statement_mode",
         "stream",
         "timer",
         "transport",
@@ -127,18 +141,23 @@ class ServerConnection(asyncio.Protocol):
         self.created_at = now
         self.idle_since = now
         self.reader: MessageReader | None = MessageReader(registry.config.max_packet_size)
-        statement_mode = pool.mode == "statement"
+        self.statement_mode = pool.mode == "statement"
         self.stream = BackendStream(
             registry.config.max_packet_size,
-            STATEMENT_INTERESTING if statement_mode else RELAY_INTERESTING,
+            RELAY_INTERESTING if pool.mode == "session" else TRACKED_INTERESTING,
         )
-        self.relay = self._relay_statement if statement_mode else self._relay_events
         self.held: bytes | None = None
+        # Prepared statements this server holds (LRU), the queue matching replies to
+        # what pgmux sent, and marker errors to replace (see prepared.py).
+        self.prepared: OrderedDict[bytes, None] | None = None
+        self.ops: deque[Op] | None = None
+        self.markers: dict[bytes, bytes] | None = None
         self.scram: ScramClientSession | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.cancel_pending = 0
         self.settle_after_cancel = False
         self.reset_pending = False
+        self.discard_pending = False
         self.on_ready: Callable[[int], None] | None = None
         self.error_fields: ErrorFields | None = None
         self.drain_fe: FrontendStream | None = None
@@ -446,7 +465,7 @@ class ServerConnection(asyncio.Protocol):
                 self.close(f"protocol error from server: {exc}")
                 return
             if events or self.held is not None:
-                self.relay(client, buf, end, events)
+                self._relay_events(client, buf, end, events)
             elif end:
                 client.transport.write(buf if end == len(buf) else memoryview(buf)[:end])
             return
@@ -468,89 +487,101 @@ class ServerConnection(asyncio.Protocol):
     def _relay_events(
         self, client: ClientConnection, buf: bytes, end: int, events: Sequence[Event]
     ) -> None:
+        """Forward ``buf[:end]`` to the client, acting on the interesting messages.
+
+        Most chunks go out whole in one write. A reply pgmux must hide, rewrite or
+        replace (prepared statements, refused BEGIN in statement mode, marker errors)
+        splits the chunk around it.
+        """
         fe = client.fe
         write = client.transport.write
+        view = memoryview(buf)
+        parts: list[bytes | memoryview] | None = None
+        cursor = 0
         done = False
-        for typ, start, stop in events:
+        held = self.held
+        if held is not None:
+            self.held = None
+            if not (
+                events and events[0][0] == codes.B_READY_FOR_QUERY and events[0][1] == 0
+                and buf[5] != codes.TX_IDLE
+            ):  # fmt: skip
+                write(held)  # what followed the BEGIN was not its refusal after all
+        for index, (typ, start, stop) in enumerate(events):
+            replacement: bytes | None = None
             if typ == codes.B_READY_FOR_QUERY:
                 status = buf[start + 5]
                 fe.on_ready_for_query()
                 self.tx_status = status
-                done = status == codes.TX_IDLE
-            else:
-                self._relay_event(client, typ, buf, start, stop)
-        write(buf if end == len(buf) else memoryview(buf)[:end])
+                if self.ops or self.markers:
+                    batch_done(self, client)
+                if status == codes.TX_IDLE:
+                    done = True
+                elif self.statement_mode:
+                    parts = parts or []
+                    parts.append(view[cursor:start])
+                    write(b"".join(parts))
+                    self._refuse_transaction(client, fe)
+                    return
+                else:
+                    done = False
+            elif typ == codes.B_COMMAND_COMPLETE:
+                tag = buf[start + 5 : stop - 1]
+                if tag in STATE_TAGS:
+                    client.note_tag(tag)
+                    if tag in FORGET_STATEMENTS_TAGS:
+                        forget_statements(self, client)
+                elif self.statement_mode and tag in _BEGIN_TAGS:
+                    # Hold a BEGIN's CommandComplete until we know it is refused.
+                    if stop == end:
+                        replacement = b""
+                        self.held = bytes(view[start:stop])
+                    elif index + 1 < len(events):
+                        typ2, start2, _ = events[index + 1]
+                        if (
+                            typ2 == codes.B_READY_FOR_QUERY
+                            and start2 == stop
+                            and buf[start2 + 5] != codes.TX_IDLE
+                        ):
+                            replacement = b""
+            elif typ == codes.B_PARSE_COMPLETE or typ == codes.B_CLOSE_COMPLETE:
+                replacement = reply_for(self, typ)
+            elif typ == codes.B_ERROR_RESPONSE:
+                body = buf[start + 5 : stop]
+                self._note_error(body)
+                if self.ops or self.markers:
+                    replacement = error_reply(self, client, body)
+            elif typ == codes.B_PARAMETER_STATUS:
+                name, value = messages.parse_parameter_status(buf[start + 5 : stop])
+                self.params[name] = value
+                client.setting_reported(name, value)
+                self.settings = client.settings
+            elif typ == codes.B_COPY_IN_RESPONSE:
+                fe.on_copy_in_response()
+            if replacement is not None:
+                if parts is None:
+                    parts = []
+                parts.append(view[cursor:start])
+                if replacement:
+                    parts.append(replacement)
+                cursor = stop
+        if parts is None:
+            write(buf if end == len(buf) else view[:end])
+        else:
+            parts.append(view[cursor:end])
+            write(b"".join(parts))
         self._after_relay(client, fe, done)
-
-    def _relay_event(
-        self, client: ClientConnection, typ: int, buf: bytes, start: int, stop: int
-    ) -> None:
-        """The interesting messages other than ReadyForQuery, while relaying."""
-        if typ == codes.B_PARAMETER_STATUS:
-            name, value = messages.parse_parameter_status(buf[start + 5 : stop])
-            self.params[name] = value
-            client.setting_reported(name, value)
-            self.settings = client.settings
-        elif typ == codes.B_ERROR_RESPONSE:
-            self._note_error(buf[start + 5 : stop])
-        elif typ == codes.B_COPY_IN_RESPONSE:
-            client.fe.on_copy_in_response()
 
     def _after_relay(self, client: ClientConnection, fe: FrontendStream, done: bool) -> None:
         if client.terminating:
             if fe.idle:
                 client.close("client sent Terminate")  # settles this server
         elif done and fe.idle and self.pool.mode != "session" and self.client is client:
-            client.detach()
-            self.settle(None)
-
-    def _relay_statement(
-        self, client: ClientConnection, buf: bytes, end: int, events: Sequence[Event]
-    ) -> None:
-        """Statement mode's relay: as ``_relay_events``, but a statement that leaves a
-        transaction open is refused, and the CommandComplete of a BEGIN that is refused
-        never reaches the client (a lone BEGIN gets one result: the error)."""
-        fe = client.fe
-        write = client.transport.write
-        view = memoryview(buf)
-        held, self.held = self.held, None
-        if held is not None and not (
-            events and events[0][0] == codes.B_READY_FOR_QUERY and events[0][1] == 0
-            and buf[5] != codes.TX_IDLE
-        ):  # fmt: skip
-            write(held)  # what followed the BEGIN was not its refusal after all
-        cursor = 0
-        done = False
-        for index, (typ, start, stop) in enumerate(events):
-            if typ == codes.B_COMMAND_COMPLETE:
-                if bytes(view[start + 5 : stop - 1]) not in _BEGIN_TAGS:
-                    continue
-                if stop == end:  # its ReadyForQuery comes with the next chunk
-                    write(view[cursor:start])
-                    self.held = bytes(view[start:stop])
-                    cursor = stop
-                elif index + 1 < len(events):
-                    typ2, start2, _ = events[index + 1]
-                    if (
-                        typ2 == codes.B_READY_FOR_QUERY
-                        and start2 == stop
-                        and buf[start2 + 5] != codes.TX_IDLE
-                    ):
-                        write(view[cursor:start])
-                        cursor = stop
-            elif typ == codes.B_READY_FOR_QUERY:
-                status = buf[start + 5]
-                fe.on_ready_for_query()
-                self.tx_status = status
-                if status != codes.TX_IDLE:
-                    write(view[cursor:start])
-                    self._refuse_transaction(client, fe)
-                    return
-                done = True
-            else:
-                self._relay_event(client, typ, buf, start, stop)
-        write(view[cursor:end])
-        self._after_relay(client, fe, done)
+            if client.state_check:
+                self._check_state(client)
+            elif not client.pinned:
+                client.detach()
+                self.settle(None)
 
     def _note_error(self, body: bytes) -> None:
         fields = messages.parse_fields(body)
@@ -594,6 +625,11 @@ class ServerConnection(asyncio.Protocol):
         ``done(status, error)`` runs at its ReadyForQuery with the transaction status
         and the first ErrorResponse's fields, if any.
         """
+        self.run_messages(messages.query(sql), done)
+
+    def run_messages(self, payload: bytes, done: QueryDone) -> None:
+        """Send protocol messages of pgmux's own ending in one Query or Sync; replies
+        are swallowed and ``done`` runs at the ReadyForQuery."""
         assert self.transport is not None
         self.relaying = False
         self.error_fields = None
@@ -604,7 +640,7 @@ class ServerConnection(asyncio.Protocol):
             done(status, error)
 
         self.on_ready = on_ready
-        self.transport.write(messages.query(sql))
+        self.transport.write(payload)
 
     def fetch_rows(
         self, sql: str, params: list[str | None], done: Callable[[Rows, ErrorFields | None], None]
@@ -696,17 +732,25 @@ class ServerConnection(asyncio.Protocol):
     # -- coming back clean ----------------------------------------------------------------
 
     def settle(
-        self, fe: FrontendStream | None, *, reset: bool = False, cancel: bool = True
+        self,
+        fe: FrontendStream | None,
+        *,
+        reset: bool = False,
+        cancel: bool = True,
+        discard: bool = False,
     ) -> None:
         """Bring an unlinked server back to a clean idle state, then give it back.
 
         ``fe`` is the stream of a client that left with requests in flight: their
         replies are drained first. Then a pending cancel is waited for, an open
-        transaction rolled back, and (session mode) server_reset_query run.
+        transaction rolled back, and server_reset_query run (``reset``: session mode)
+        or DISCARD ALL (``discard``: a client pinned by session state left).
         """
         self.relaying = False
         if reset:
             self.reset_pending = True
+        if discard:
+            self.discard_pending = True
         if self.state is ServerState.CLOSED:
             return
         if self.fatal:
@@ -726,14 +770,69 @@ class ServerConnection(asyncio.Protocol):
         if self.tx_status != codes.TX_IDLE:
             self.run_query("ROLLBACK", self._after_cleanup_query)
             return
-        if self.reset_pending:
-            self.reset_pending = False
-            reset_query = self.registry.config.server_reset_query
+        if self.reset_pending or self.discard_pending:
+            reset_query = self.registry.config.server_reset_query if self.reset_pending else ""
+            if self.discard_pending:
+                reset_query = "DISCARD ALL"  # whatever server_reset_query says
+            self.reset_pending = self.discard_pending = False
             if reset_query:
-                self.settings = NO_SETTINGS if "ALL" in reset_query.upper() else self.settings
+                if "ALL" in reset_query.upper():  # DISCARD ALL / RESET ALL
+                    self.settings = NO_SETTINGS
+                    forget_statements(self, None)
                 self.run_query(reset_query, self._after_cleanup_query)
                 return
+        closes = evictions(self, self.registry.config.max_prepared_statements)
+        if closes:
+            # Over max_prepared_statements: close the least recently used, now that no
+            # portal of a client can depend on them.
+            self.run_messages(closes + messages.SYNC, self._after_cleanup_query)
+            return
         self.pool.release(self)
+
+    # -- session state ---------------------------------------------------------------
+
+    def _check_state(self, client: ClientConnection) -> None:
+        """The transaction may have changed session state: ask the server what it holds."""
+        client.state_check = False
+        self.fetch_rows(STATE_QUERY, [], lambda rows, error: self._state_known(client, rows, error))
+
+    def _state_known(self, client: ClientConnection, rows: Rows, error: ErrorFields | None) -> None:
+        if self.state is ServerState.CLOSED:
+            return
+        linked = self.client is client
+        if error is not None:
+            log.warning(
+                "%s: session state check failed (%s); closing the server to be safe",
+                self,
+                messages.error_summary(error),
+            )
+            if linked:
+                client.detach()
+            self.close("session state unknown")
+            return
+        settings: list[tuple[str, str]] = []
+        reasons: set[str] = set()
+        for row in rows:
+            kind = row[0]
+            if kind == b"s" and row[1] is not None and row[2] is not None:
+                settings.append((row[1].decode().lower(), row[2].decode("utf-8", "replace")))
+            elif kind is not None and kind in REASONS:
+                reasons.add(REASONS[kind])
+        if client.loaded:
+            reasons.add(LOAD_REASON)
+        if not linked:
+            # The client left during the check: clean whatever cannot be replayed.
+            self.settle(None, reset=bool(reasons))
+            return
+        client.settings = self.pool.intern(tuple(sorted(settings)))
+        self.settings = client.settings
+        if reasons:
+            client.pin(self, sorted(reasons))
+            client.relay_pending(self)
+        else:
+            client.unpin(self)
+            client.detach()
+            self.settle(None)
 
     def _after_cleanup_query(self, status: int, error: ErrorFields | None) -> None:
         if error is not None or status != codes.TX_IDLE:

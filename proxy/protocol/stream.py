@@ -12,6 +12,7 @@ from __future__ import annotations
 import struct
 from collections import deque
 from collections.abc import Sequence
+from typing import Any
 
 from . import codes
 from .errors import ProtocolError
@@ -21,7 +22,10 @@ _unpack_length = struct.Struct("!I").unpack_from
 Event = tuple[int, int, int]
 """``(message type, start, end)`` of a whole message inside the returned buffer."""
 
-NO_EVENTS: Sequence[Event] = ()
+FrontendEvent = tuple[int, int, int, int]
+"""``(message type, start, end, requests sent before it)`` of a whole client message."""
+
+NO_EVENTS: Sequence[Any] = ()
 
 # What a frontend message means for request tracking (index: type byte).
 K_INVALID = 0
@@ -77,32 +81,43 @@ def interesting_table(types: bytes) -> bytes:
 RELAY_INTERESTING = interesting_table(b"ZSEG")
 
 
+# Client messages the relay reads whole when it tracks prepared statements and session
+# state: Parse, Bind, Describe, Close (statement names) and Query (its SQL).
+TRACKED_FRONTEND = interesting_table(b"PBDCQ")
+NOTHING = interesting_table(b"")
+
+
 class FrontendStream:
     """Client -> server: frames, validates and counts what awaits a ReadyForQuery.
 
     ``requests`` holds, in order, each Query/FunctionCall/Sync forwarded whose
     ReadyForQuery has not come back. The server can be given back to the pool only
     when it is empty, no extended-query batch is open (messages after the last Sync)
-    and the client is not in the middle of a COPY FROM STDIN.
+    and the client is not in the middle of a COPY FROM STDIN. Messages whose type is
+    marked in ``interesting`` are held until whole and reported as events.
     """
 
     __slots__ = (
         "_hold",
         "_max_length",
+        "_need",
         "_skip",
         "answered",
         "broken",
         "copy_in",
         "copy_in_extended",
         "extended_open",
+        "interesting",
         "requests",
         "sent",
     )
 
-    def __init__(self, max_length: int) -> None:
+    def __init__(self, max_length: int, interesting: bytes = NOTHING) -> None:
         self._skip = 0
-        self._hold = b""
+        self._hold = bytearray()
+        self._need = 0  # total length of the held message, once its header is known
         self._max_length = max_length
+        self.interesting = interesting
         self.requests: deque[int] = deque()
         self.extended_open = False
         self.copy_in = False
@@ -121,12 +136,19 @@ class FrontendStream:
     @property
     def mid_message(self) -> bool:
         """Part of a message has been forwarded and the rest has not arrived, or the
-        stream broke: either way the server cannot be told where the next message is."""
-        return self._skip > 0 or bool(self._hold) or self.broken
+        stream broke: either way the server cannot be told where the next message is.
+        (Held bytes were never forwarded and do not count.)"""
+        return self._skip > 0 or self.broken
 
-    def feed(self, data: bytes) -> tuple[bytes, int, bool]:
-        """Scan a chunk. Returns ``(buf, end, terminated)``: forward ``buf[:end]``.
+    @property
+    def partial(self) -> bool:
+        """The next chunk continues a message rather than starting one."""
+        return self._skip > 0 or bool(self._hold)
 
+    def feed(self, data: bytes) -> tuple[bytes, int, Sequence[FrontendEvent], bool]:
+        """Scan a chunk. Returns ``(buf, end, events, terminated)``: forward ``buf[:end]``.
+
+        ``events`` are the interesting messages, whole, inside ``buf[:end]``.
         ``terminated`` means a Terminate message starts at ``end``; it and anything
         after it must not reach a pooled server.
         """
@@ -135,20 +157,27 @@ class FrontendStream:
         if pos:
             if pos >= n:
                 self._skip = pos - n
-                return data, n, False
+                return data, n, NO_EVENTS, False
             self._skip = 0
         elif self._hold:
-            data = self._hold + data
-            self._hold = b""
+            hold = self._hold
+            if self._need and len(hold) + n < self._need:
+                hold += data  # a large message still arriving: nothing to forward yet
+                return data, 0, NO_EVENTS, False
+            data = bytes(hold) + data
+            hold.clear()
+            self._need = 0
             n = len(data)
         kinds = _FRONTEND_KIND
+        interesting = self.interesting
         requests = self.requests
         max_length = self._max_length
+        events: list[FrontendEvent] | None = None
         while True:
             if n - pos < 5:
                 if pos < n:
-                    self._hold = data[pos:]
-                return data, pos, False
+                    self._hold += data[pos:]
+                return data, pos, events or NO_EVENTS, False
             typ = data[pos]
             (length,) = _unpack_length(data, pos + 1)
             if length < 4 or length > max_length:
@@ -157,6 +186,17 @@ class FrontendStream:
                     f"invalid length {length} in client message of type {chr(typ)!r} "
                     f"(must be 4 to {max_length}, max_packet_size)"
                 )
+            end = pos + 1 + length
+            if interesting[typ]:
+                if end > n:
+                    self._hold += data[pos:]
+                    self._need = end - pos
+                    return data, pos, events or NO_EVENTS, False
+                # The count of requests before it tells which batch it belongs to.
+                if events is None:
+                    events = [(typ, pos, end, self.sent)]
+                else:
+                    events.append((typ, pos, end, self.sent))
             kind = kinds[typ]
             if kind == K_REQUEST:
                 requests.append(REQ_QUERY)
@@ -175,14 +215,13 @@ class FrontendStream:
                 else:
                     requests.append(MARK_COPY_END)
             elif kind == K_TERMINATE:
-                return data, pos, True
+                return data, pos, events or NO_EVENTS, True
             elif kind == K_INVALID:
                 self.broken = True
                 raise ProtocolError(f"invalid frontend message type {chr(typ)!r}")
-            end = pos + 1 + length
             if end > n:
                 self._skip = end - n
-                return data, n, False
+                return data, n, events or NO_EVENTS, False
             pos = end
 
     def on_ready_for_query(self) -> None:

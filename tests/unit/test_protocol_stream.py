@@ -43,7 +43,7 @@ def feed_front(stream: FrontendStream, data: bytes, *, bytewise: bool) -> tuple[
     chunks = [data[i : i + 1] for i in range(len(data))] if bytewise else [data]
     out = bytearray()
     for chunk in chunks:
-        buf, end, terminated = stream.feed(chunk)
+        buf, end, _, terminated = stream.feed(chunk)
         out += buf[:end]
         if terminated:
             return bytes(out), True
@@ -98,17 +98,18 @@ class TestFrontendStream:
 
     def test_partial_message_is_mid_message(self) -> None:
         fe = FrontendStream(MAX)
-        buf, end, _ = fe.feed(QUERY[:7])
+        buf, end, _, _ = fe.feed(QUERY[:7])
         assert buf[:end] == QUERY[:7]  # body bytes go on as they come
-        assert fe.mid_message
+        assert fe.mid_message and fe.partial
         fe.feed(QUERY[7:])
-        assert not fe.mid_message
+        assert not fe.mid_message and not fe.partial
 
     def test_partial_header_is_held(self) -> None:
         fe = FrontendStream(MAX)
-        buf, end, _ = fe.feed(QUERY[:3])
-        assert end == 0 and fe.mid_message
-        buf, end, _ = fe.feed(QUERY[3:])
+        buf, end, _, _ = fe.feed(QUERY[:3])
+        # Held, not forwarded: the server's stream is intact, the client's is not.
+        assert end == 0 and fe.partial and not fe.mid_message
+        buf, end, _, _ = fe.feed(QUERY[3:])
         assert buf[:end] == QUERY
 
     def test_simple_copy_in(self, bytewise: bool) -> None:

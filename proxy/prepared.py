@@ -1,0 +1,364 @@
+"""Prepared statements across transaction pooling, and the request side of session state.
+
+A client's named statement ``N`` (its Parse: query text + parameter types) maps to a
+pgmux-wide name (``pgmux_17``) shared by every client that prepares the same text. Each
+server connection remembers which pgmux names it holds, in an LRU of at most
+``max_prepared_statements``. On the way to a server:
+
+- Parse N: if the server holds the statement, a no-op ``Close`` goes instead and its
+  CloseComplete comes back as the ParseComplete the client expects; else the Parse goes
+  under the pgmux name. Re-Parse of an existing N gets PostgreSQL's own 42P05 error.
+- Bind / Describe N: renamed; on a server that lacks the statement its Parse is sent
+  first and that ParseComplete is swallowed. An unknown N goes unchanged, so the server
+  answers with its own 26000 error.
+- Close N: the mapping is forgotten; the Close goes unchanged (a server never has N).
+
+Every Parse and Close forwarded adds an entry to the server's ``ops`` queue, matched in
+order against the ParseComplete/CloseComplete replies. After an ErrorResponse the server
+skips to Sync, so the entries of that batch are dropped and what they did is undone.
+Errors pgmux must make itself (42P05, refused session state) are sent as a Parse or
+Query that fails with a syntax error naming a marker; that ErrorResponse, at exactly the
+right place in the stream and with the transaction aborted as PostgreSQL would, is then
+replaced by the real error.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from .protocol import messages
+from .protocol.errors import ProtocolError
+from .protocol.extended import (
+    CLOSE_COMPLETE,
+    PARSE_COMPLETE,
+    STATEMENT,
+    build_bind,
+    build_parse,
+    build_target,
+    parse_query,
+    query_text,
+    split_bind,
+    split_parse,
+    split_target,
+)
+from .session_state import TEXT_TRIGGER, refusal
+
+if TYPE_CHECKING:
+    from .client import ClientConnection
+    from .server import ServerConnection
+
+log = logging.getLogger("pgmux.prepared")
+
+# What the reply to a forwarded Parse/Close means (ServerConnection.ops entries).
+A_PASS = 0  # the client's own message; its reply goes through
+A_PARSE = 1  # the client's Parse under the pgmux name; reply goes through
+A_FAKE_PARSE = 2  # no-op Close instead of a Parse the server needs not do: '3' -> '1'
+A_INJECT = 3  # a Parse pgmux added before a Bind/Describe: its '1' is swallowed
+
+NOOP_CLOSE = build_target(b"C", STATEMENT, b"pgmux_noop")
+MARKER_PREFIX = b"pgmux_error_"
+
+Op = tuple[int, int, "Statement | None", bytes]  # (batch, action, statement, client name)
+
+
+class Statement:
+    """One distinct (query, parameter types): its pgmux name and the Parse creating it."""
+
+    __slots__ = ("name", "parse")
+
+    def __init__(self, name: bytes, rest: bytes) -> None:
+        self.name = name
+        self.parse = build_parse(name, rest)
+
+
+class StatementNames:
+    """The registry's map from Parse contents to pgmux-wide statements (bounded)."""
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self._by_key: dict[bytes, Statement] = {}
+        self._counter = itertools.count(1)
+        self._limit = limit
+        self._markers = itertools.count(1)
+
+    def statement_for(self, rest: bytes) -> Statement:
+        found = self._by_key.get(rest)
+        if found is None:
+            if len(self._by_key) >= self._limit:
+                self._by_key.clear()  # clients keep their Statement objects; only sharing resets
+            found = self._by_key[rest] = Statement(b"pgmux_%d" % next(self._counter), rest)
+        return found
+
+    def new_marker(self) -> bytes:
+        return MARKER_PREFIX + b"%d" % next(self._markers)
+
+
+def rewrite_requests(
+    client: ClientConnection,
+    server: ServerConnection,
+    buf: bytes,
+    end: int,
+    events: Sequence[tuple[int, int, int, int]],
+) -> bytes | memoryview:
+    """What to send for ``buf[:end]``: the bytes as they are, or rewritten."""
+    registry = client.registry
+    tracking = registry.config.max_prepared_statements > 0
+    refuse = registry.config.session_state == "error"
+    parts: list[bytes | memoryview] | None = None
+    view = memoryview(buf)
+    cursor = 0
+    for typ, start, stop, batch in events:
+        body = buf[start + 5 : stop]
+        replacement: bytes | None = None
+        if typ == 81:  # Query
+            sql = query_text(body)
+            client.last_sql = sql
+            if TEXT_TRIGGER.search(sql):
+                client.state_check = True
+            if refuse:
+                replacement = _refused(client, server, sql, query=True)
+        elif typ == 80:  # Parse
+            name, rest = split_parse(body)
+            sql = parse_query(rest)
+            client.last_sql = sql
+            if TEXT_TRIGGER.search(sql):
+                client.state_check = True
+            if refuse:
+                replacement = _refused(client, server, sql, query=False)
+            if replacement is None:
+                replacement = _parse(client, server, name, rest, batch, tracking)
+        elif typ == 66:  # Bind
+            if tracking:
+                portal_end, name, offset = split_bind(body)
+                statement = _known(client, name)
+                if statement is not None:
+                    inject = _ensure(server, statement, batch)
+                    replacement = inject + build_bind(body, portal_end, statement.name, offset)
+        elif typ == 68:  # Describe
+            if tracking:
+                kind, name = split_target(body, "Describe")
+                statement = _known(client, name) if kind == STATEMENT else None
+                if statement is not None:
+                    inject = _ensure(server, statement, batch)
+                    replacement = inject + build_target(b"D", STATEMENT, statement.name)
+        elif typ == 67:  # Close
+            kind, name = split_target(body, "Close")
+            if kind == STATEMENT and name and client.statements:
+                client.statements.pop(name, None)
+            _ops(server).append((batch, A_PASS, None, b""))
+        if replacement is not None:
+            if parts is None:
+                parts = []
+            parts.append(view[cursor:start])
+            parts.append(replacement)
+            cursor = stop
+    if parts is None:
+        return buf if end == len(buf) else view[:end]
+    parts.append(view[cursor:end])
+    return b"".join(parts)
+
+
+def _ops(server: ServerConnection) -> deque[Op]:
+    ops = server.ops
+    if ops is None:
+        ops = server.ops = deque()
+    return ops
+
+
+def _known(client: ClientConnection, name: bytes) -> Statement | None:
+    if not name or not client.statements:
+        return None
+    return client.statements.get(name)
+
+
+def _ensure(server: ServerConnection, statement: Statement, batch: int) -> bytes:
+    """The Parse to send first if this server lacks the statement, else b""."""
+    prepared = server.prepared
+    if prepared is None:
+        prepared = server.prepared = OrderedDict()
+    if statement.name in prepared:
+        prepared.move_to_end(statement.name)
+        return b""
+    prepared[statement.name] = None
+    _ops(server).append((batch, A_INJECT, statement, b""))
+    return statement.parse
+
+
+def _parse(
+    client: ClientConnection,
+    server: ServerConnection,
+    name: bytes,
+    rest: bytes,
+    batch: int,
+    tracking: bool,
+) -> bytes | None:
+    ops = _ops(server)
+    if not name or not tracking:
+        ops.append((batch, A_PASS, None, b""))
+        return None
+    statements = client.statements
+    if statements is None:
+        statements = client.statements = {}
+    if name in statements:
+        # PostgreSQL's own answer, and the session carries on (PgBouncer closes it).
+        shown = name.decode("utf-8", "replace")
+        return _marker(
+            client,
+            server,
+            messages.error_response(
+                "ERROR", "42P05", f'prepared statement "{shown}" already exists'
+            ),
+            query=False,
+        )
+    statement = client.registry.statement_names.statement_for(rest)
+    statements[name] = statement
+    prepared = server.prepared
+    if prepared is None:
+        prepared = server.prepared = OrderedDict()
+    if statement.name in prepared:
+        prepared.move_to_end(statement.name)
+        ops.append((batch, A_FAKE_PARSE, statement, name))
+        return NOOP_CLOSE
+    prepared[statement.name] = None
+    ops.append((batch, A_PARSE, statement, name))
+    return statement.parse
+
+
+def _refused(
+    client: ClientConnection, server: ServerConnection, sql: bytes, *, query: bool
+) -> bytes | None:
+    found = refusal(sql)
+    if found is None:
+        return None
+    feature, reason = found
+    log.info("%s: refused %s (session_state = error): %.200s", client, feature, sql)
+    return _marker(
+        client,
+        server,
+        messages.error_response(
+            "ERROR",
+            "0A000",
+            f"{feature} cannot be used through pgmux in pool_mode {client.pool.mode}: {reason}",
+            hint='set session_state = "pin" (the client keeps its server while such state '
+            'exists) or use pool_mode = "session" for this database or user',
+        ),
+        query=query,
+    )
+
+
+def _marker(
+    client: ClientConnection, server: ServerConnection, error: bytes, *, query: bool
+) -> bytes:
+    """A message that fails on the server (aborting the transaction as a real error
+    would); its ErrorResponse is replaced by ``error`` on the way back."""
+    token = client.registry.statement_names.new_marker()
+    markers = server.markers
+    if markers is None:
+        markers = server.markers = {}
+    markers[token] = error
+    if query:
+        return messages.query(token.decode())
+    return build_parse(b"pgmux_refused", token + b"\x00\x00\x00")
+
+
+# -- the reply side ----------------------------------------------------------------------
+
+
+def reply_for(server: ServerConnection, typ: int) -> bytes | None:
+    """For a ParseComplete ('1') or CloseComplete ('3'): None to pass it on, or what to
+    send instead (b"" to swallow it)."""
+    ops = server.ops
+    if not ops:
+        return None
+    action = ops.popleft()[1]
+    if typ == 49:  # ParseComplete
+        if action == A_INJECT:
+            return b""
+        if action in (A_PASS, A_PARSE):
+            return None
+    elif action == A_FAKE_PARSE:
+        return PARSE_COMPLETE
+    elif action == A_PASS:
+        return None
+    raise ProtocolError(f"reply {chr(typ)!r} does not match what pgmux sent (action {action})")
+
+
+def error_reply(server: ServerConnection, client: ClientConnection, body: bytes) -> bytes | None:
+    """An ErrorResponse: drop this batch's pending entries (the server skips to Sync)
+    and undo what they did; returns the error to send instead of a marker's."""
+    ops = server.ops
+    if ops:
+        batch = client.fe.answered
+        while ops and ops[0][0] <= batch:
+            _, action, statement, name = ops.popleft()
+            _undo(server, client, action, statement, name)
+    markers = server.markers
+    if markers and MARKER_PREFIX in body:
+        for token in list(markers):
+            if token in body:
+                return markers.pop(token)
+    return None
+
+
+def _undo(
+    server: ServerConnection,
+    client: ClientConnection,
+    action: int,
+    statement: Statement | None,
+    name: bytes,
+) -> None:
+    if statement is None:
+        return
+    if action in (A_PARSE, A_INJECT) and server.prepared is not None:
+        server.prepared.pop(statement.name, None)
+    statements = client.statements
+    if action in (A_PARSE, A_FAKE_PARSE) and statements and statements.get(name) is statement:
+        del statements[name]  # a Parse that did not happen is never cached
+
+
+def batch_done(server: ServerConnection, client: ClientConnection) -> None:
+    """ReadyForQuery: whatever is left of answered batches can no longer be answered."""
+    ops = server.ops
+    if ops:
+        batch = client.fe.answered
+        while ops and ops[0][0] < batch:
+            _, action, statement, name = ops.popleft()
+            _undo(server, client, action, statement, name)
+    if server.markers and client.fe.idle:
+        server.markers.clear()
+
+
+def forget_statements(server: ServerConnection, client: ClientConnection | None) -> None:
+    """DISCARD ALL / DEALLOCATE ALL ran: the session holds no prepared statement now."""
+    if server.prepared:
+        server.prepared.clear()
+    if client is not None:
+        client.statements = None
+
+
+def evictions(server: ServerConnection, limit: int) -> bytes:
+    """Close messages for the least recently used statements beyond ``limit``."""
+    prepared = server.prepared
+    if not prepared or len(prepared) <= limit:
+        return b""
+    closes = []
+    while len(prepared) > limit:
+        name, _ = prepared.popitem(last=False)
+        closes.append(build_target(b"C", STATEMENT, name))
+    return b"".join(closes)
+
+
+__all__ = [
+    "CLOSE_COMPLETE",
+    "Statement",
+    "StatementNames",
+    "batch_done",
+    "error_reply",
+    "evictions",
+    "forget_statements",
+    "reply_for",
+    "rewrite_requests",
+]

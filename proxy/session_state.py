@@ -1,0 +1,119 @@
+"""Session state in transaction pooling: what a client's session holds beyond a
+transaction, and how pgmux learns it.
+
+Settings (SET, RESET, set_config) are replayed on whichever server the client gets
+next. State that cannot be replayed (temporary tables, session advisory locks,
+LISTEN, cursors WITH HOLD, SQL-level PREPARE, LOAD) pins the server to the client
+until it is cleared, or (``session_state = "error"``) is refused before it runs.
+
+pgmux does not parse SQL to learn the state. A CommandComplete tag or a keyword in
+the query text only says "look"; at the end of that transaction one query asks the
+server what the session really holds (``STATE_QUERY``), and that answer is the truth.
+"""
+
+from __future__ import annotations
+
+import re
+
+# CommandComplete tags after which the session may hold state worth a look.
+STATE_TAGS = frozenset(
+    (
+        b"SET",
+        b"RESET",
+        b"LISTEN",
+        b"UNLISTEN",
+        b"PREPARE",
+        b"DEALLOCATE",
+        b"LOAD",
+        b"DEALLOCATE ALL",
+        b"DISCARD ALL",
+        b"DISCARD TEMP",
+        b"DISCARD PLANS",
+        b"DISCARD SEQUENCES",
+        b"DECLARE CURSOR",
+        b"CLOSE CURSOR",
+        b"CLOSE CURSOR ALL",
+        b"CREATE TABLE",
+        b"DROP TABLE",
+    )
+)
+# Tags after which every prepared statement of the session is gone.
+FORGET_STATEMENTS_TAGS = frozenset((b"DISCARD ALL", b"DEALLOCATE ALL"))
+LOAD_TAG = b"LOAD"
+
+# Work whose tag says nothing (SELECT ...): set_config(), session advisory locks,
+# CREATE TEMP TABLE AS / SELECT INTO TEMP. A false hit costs one extra query.
+TEXT_TRIGGER = re.compile(rb"set_config|advisory|\btemp(?:orary)?\b", re.IGNORECASE)
+
+# One round trip that tells everything: session-level settings, and each kind of
+# state that cannot follow the client to another server.
+STATE_QUERY = """\
+SELECT 's', name, setting FROM pg_catalog.pg_settings WHERE source = 'session'
+UNION ALL SELECT 't', c.relname::text, NULL FROM pg_catalog.pg_class c
+  WHERE c.relpersistence = 't' AND c.relnamespace = pg_catalog.pg_my_temp_schema()
+UNION ALL SELECT 'a', l.objid::text, NULL FROM pg_catalog.pg_locks l
+  WHERE l.locktype = 'advisory' AND l.pid = pg_catalog.pg_backend_pid()
+UNION ALL SELECT 'l', c, NULL FROM pg_catalog.pg_listening_channels() c
+UNION ALL SELECT 'c', name, NULL FROM pg_catalog.pg_cursors WHERE is_holdable
+UNION ALL SELECT 'p', name, NULL FROM pg_catalog.pg_prepared_statements WHERE from_sql"""
+
+REASONS = {
+    b"t": "temporary table",
+    b"a": "session advisory lock",
+    b"l": "LISTEN",
+    b"c": "cursor WITH HOLD",
+    b"p": "SQL-level PREPARE",
+}
+LOAD_REASON = "LOAD"
+
+# session_state = "error": statements refused before they run, with why.
+_REFUSALS = (
+    (
+        re.compile(
+            rb"\bcreate\s+(?:(?:global|local)\s+)?temp(?:orary)?\s+table\b"
+            rb"|\binto\s+temp(?:orary)?\b",
+            re.IGNORECASE,
+        ),
+        "temporary tables",
+        "a temporary table lives in one server session and would vanish or leak between "
+        "clients (ON COMMIT DROP tables are fine)",
+    ),
+    (
+        re.compile(rb"\bpg_(?:try_)?advisory_lock(?:_shared)?\s*\(", re.IGNORECASE),
+        "session advisory locks",
+        "a session lock would stay with the server after the transaction "
+        "(pg_advisory_xact_lock is fine)",
+    ),
+    (
+        re.compile(rb"(?:^|;)\s*listen\b", re.IGNORECASE),
+        "LISTEN",
+        "notifications go to one server session, not to the client",
+    ),
+    (
+        re.compile(rb"\bwith\s+hold\b", re.IGNORECASE),
+        "cursors WITH HOLD",
+        "a holdable cursor outlives the transaction on one server session",
+    ),
+    (
+        re.compile(rb"(?:^|;)\s*prepare\b", re.IGNORECASE),
+        "SQL-level PREPARE",
+        "the statement would exist on one server session only (protocol-level prepared "
+        "statements are fine)",
+    ),
+    (
+        re.compile(rb"(?:^|;)\s*load\b", re.IGNORECASE),
+        "LOAD",
+        "a loaded library stays in one server session",
+    ),
+)
+_ON_COMMIT_DROP = re.compile(rb"\bon\s+commit\s+drop\b", re.IGNORECASE)
+
+
+def refusal(sql: bytes) -> tuple[str, str] | None:
+    """(feature, reason) when ``sql`` would create state that cannot follow a client."""
+    for pattern, feature, reason in _REFUSALS:
+        if pattern.search(sql):
+            if feature == "temporary tables" and _ON_COMMIT_DROP.search(sql):
+                continue
+            return feature, reason
+    return None
