@@ -19,7 +19,7 @@ from .config import DatabaseConfig
 from .errors import InvalidParameter, LoginTimeout, ProtocolViolation, ProxyError, ShuttingDown
 from .login import Login
 from .pool import ClientState, Pool, Registry, ServerState, Settings, link, unlink
-from .prepared import Statement, rewrite_requests
+from .prepared import Statement, copy_batch, rewrite_requests
 from .protocol import codes, messages
 from .protocol.errors import ProtocolError
 from .protocol.startup import CancelRequest
@@ -56,6 +56,7 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "addr",
         "admin",
+        "batch_copy",
         "cancel_key",
         "cancel_pid",
         "connected_at",
@@ -120,6 +121,7 @@ class ClientConnection(asyncio.Protocol):
         self.pinned: list[str] | None = None
         self.loaded = False
         self.last_sql = b""
+        self.batch_copy: bytearray | None = None  # see prepared.replan
         # The janitor's note for client timeouts: ((condition, sent, answered), since, acted).
         self.watch: tuple[tuple[str, int, int], float, bool] | None = None
         self.connected_at = time.monotonic()
@@ -223,6 +225,8 @@ class ClientConnection(asyncio.Protocol):
                 out = rewrite_requests(self, server, buf, end, events)
             else:
                 out = buf if end == len(buf) else memoryview(buf)[:end]
+            if self.batch_copy is not None:
+                copy_batch(self, out)
         except ProtocolError as exc:
             self.fail(ProtocolViolation(str(exc)))
             return

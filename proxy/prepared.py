@@ -137,6 +137,8 @@ def rewrite_requests(
                 if statement is not None:
                     inject = _ensure(server, statement, batch)
                     replacement = inject + build_bind(body, portal_end, statement.name, offset)
+                    if client.batch_copy is None:
+                        client.batch_copy = bytearray()  # keep this request (see replan)
         elif typ == 68:  # Describe
             if tracking:
                 kind, name = split_target(body, "Describe")
@@ -182,7 +184,7 @@ def _ensure(server: ServerConnection, statement: Statement, batch: int) -> bytes
     if statement.name in prepared:
         prepared.move_to_end(statement.name)
         return b""
-    prepared[statement.name] = None
+    prepared[statement.name] = statement
     _ops(server).append((batch, A_INJECT, statement, b""))
     return statement.parse
 
@@ -222,7 +224,7 @@ def _parse(
         prepared.move_to_end(statement.name)
         ops.append((batch, A_FAKE_PARSE, statement, name))
         return NOOP_CLOSE
-    prepared[statement.name] = None
+    prepared[statement.name] = statement
     ops.append((batch, A_PARSE, statement, name))
     return statement.parse
 
@@ -283,6 +285,8 @@ def reply_for(server: ServerConnection, typ: int) -> bytes | None:
         return PARSE_COMPLETE
     elif action == A_PASS:
         return None
+    elif action == A_INJECT:  # a Close pgmux sent itself
+        return b""
     raise ProtocolError(f"reply {chr(typ)!r} does not match what pgmux sent (action {action})")
 
 
@@ -337,6 +341,61 @@ def forget_statements(server: ServerConnection, client: ClientConnection | None)
         server.prepared.clear()
     if client is not None:
         client.statements = None
+
+
+CACHED_PLAN_ERROR = b"cached plan must not change result type"
+BATCH_COPY_LIMIT = 65536
+
+
+def copy_batch(client: ClientConnection, data: bytes | memoryview) -> None:
+    """Keep what was sent for a request that executes named statements, to resend it
+    once after a "cached plan must not change result type" (see ``replan``)."""
+    copy = client.batch_copy
+    if copy is None:
+        return
+    if len(copy) + len(data) <= BATCH_COPY_LIMIT:
+        copy += data
+    else:
+        copy[:] = b"-"  # too big to keep: this request gets no retry
+
+
+def replan(server: ServerConnection, client: ClientConnection, batch: int) -> bytes | None:
+    """After DDL changed a statement's result type, PostgreSQL refuses its cached plan.
+    When the failed request was a plain execution (Bind/Describe/Execute/Sync of named
+    statements, outside a transaction, alone in flight and nothing of it sent to the
+    client yet), return what re-creates those statements and runs the request again;
+    None otherwise (the client then gets the error)."""
+    copy = client.batch_copy
+    prepared = server.prepared
+    if not copy or prepared is None or len(client.fe.requests) != 1:
+        return None
+    names: list[bytes] = []
+    pos = 0
+    data = bytes(copy)
+    while pos + 5 <= len(data):
+        typ = data[pos]
+        end = pos + 1 + int.from_bytes(data[pos + 1 : pos + 5], "big")
+        if typ in (80, 67, 81) or end > len(data):  # Parse, Close, Query: not plain
+            return None
+        if typ == 66:  # Bind
+            _, name, _ = split_bind(data[pos + 5 : end])
+            if name and name not in names:
+                names.append(name)
+        pos = end
+    if pos != len(data) or not names or data[-5:] != messages.SYNC:
+        return None
+    resend = []
+    ops = _ops(server)
+    for name in names:
+        statement = prepared.get(name)
+        if statement is None:
+            return None
+        resend.append(build_target(b"C", STATEMENT, name))
+        resend.append(statement.parse)
+        ops.append((batch, A_INJECT, statement, b""))  # swallow the CloseComplete
+        ops.append((batch, A_INJECT, statement, b""))  # and the ParseComplete
+    log.info("%s: statement result type changed; re-preparing and retrying", client)
+    return b"".join(resend) + data
 
 
 def evictions(server: ServerConnection, limit: int) -> bytes:

@@ -21,7 +21,17 @@ from typing import TYPE_CHECKING, cast
 from .auth import AuthError, ScramClientSession, md5_response
 from .errors import ProxyError, ServerConnectionLost, ServerLoginFailed, ServerUnreachable
 from .pool import NO_SETTINGS, Pool, Registry, ServerState, Settings
-from .prepared import Op, batch_done, error_reply, evictions, forget_statements, reply_for
+from .prepared import (
+    CACHED_PLAN_ERROR,
+    Op,
+    Statement,
+    batch_done,
+    error_reply,
+    evictions,
+    forget_statements,
+    replan,
+    reply_for,
+)
 from .protocol import codes, messages
 from .protocol.errors import ProtocolError
 from .protocol.reader import MessageReader
@@ -88,6 +98,7 @@ class ServerConnection(asyncio.Protocol):
     __slots__ = (
         "backend_key",
         "backend_pid",
+        "batch_started",
         "cancel_pending",
         "client",
         "created_at",
@@ -109,6 +120,7 @@ class ServerConnection(asyncio.Protocol):
         "registry",
         "relaying",
         "reset_pending",
+        "retrying",
         "rows",
         "scram",
         "settings",
@@ -149,7 +161,9 @@ class ServerConnection(asyncio.Protocol):
         self.held: bytes | None = None
         # Prepared statements this server holds (LRU), the queue matching replies to
         # what pgmux sent, and marker errors to replace (see prepared.py).
-        self.prepared: OrderedDict[bytes, None] | None = None
+        self.prepared: OrderedDict[bytes, Statement] | None = None
+        self.retrying = False  # swallowing a failed attempt until its ReadyForQuery
+        self.batch_started = False
         self.ops: deque[Op] | None = None
         self.markers: dict[bytes, bytes] | None = None
         self.scram: ScramClientSession | None = None
@@ -468,6 +482,7 @@ class ServerConnection(asyncio.Protocol):
                 self._relay_events(client, buf, end, events)
             elif end:
                 client.transport.write(buf if end == len(buf) else memoryview(buf)[:end])
+                self.batch_started = True
             return
         try:
             if self.state is ServerState.LOGIN:
@@ -509,9 +524,20 @@ class ServerConnection(asyncio.Protocol):
                 write(held)  # what followed the BEGIN was not its refusal after all
         for index, (typ, start, stop) in enumerate(events):
             replacement: bytes | None = None
-            if typ == codes.B_READY_FOR_QUERY:
+            if self.retrying:
+                # A failed attempt being retried: nothing of it reaches the client.
+                replacement = b""
+                if typ == codes.B_READY_FOR_QUERY:
+                    self.retrying = False
+                    resend = client.batch_copy
+                    client.batch_copy = None
+                    assert self.transport is not None and resend is not None
+                    self.transport.write(bytes(resend))
+            elif typ == codes.B_READY_FOR_QUERY:
                 status = buf[start + 5]
                 fe.on_ready_for_query()
+                if fe.idle:
+                    client.batch_copy = None
                 self.tx_status = status
                 if self.ops or self.markers:
                     batch_done(self, client)
@@ -551,6 +577,18 @@ class ServerConnection(asyncio.Protocol):
                 self._note_error(body)
                 if self.ops or self.markers:
                     replacement = error_reply(self, client, body)
+                if (
+                    CACHED_PLAN_ERROR in body
+                    and self.tx_status == codes.TX_IDLE
+                    and cursor == 0
+                    and start == 0
+                    and not self.batch_started
+                ):
+                    retry = replan(self, client, fe.answered)
+                    if retry is not None:
+                        client.batch_copy = bytearray(retry)
+                        self.retrying = True
+                        replacement = b""
             elif typ == codes.B_PARAMETER_STATUS:
                 name, value = messages.parse_parameter_status(buf[start + 5 : stop])
                 self.params[name] = value
@@ -570,6 +608,9 @@ class ServerConnection(asyncio.Protocol):
         else:
             parts.append(view[cursor:end])
             write(b"".join(parts))
+        # Has the client been sent anything of the request now in flight?
+        self.batch_started = not (events and events[-1][0] == codes.B_READY_FOR_QUERY
+                                  and events[-1][2] == end)  # fmt: skip
         self._after_relay(client, fe, done)
 
     def _after_relay(self, client: ClientConnection, fe: FrontendStream, done: bool) -> None:
