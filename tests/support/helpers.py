@@ -1,7 +1,8 @@
 """Small helpers the integration tests share: clients, polling, process inspection.
 
 - ``connect_asyncpg`` / ``connect_psycopg``: clients to pgmux with the settings the
-  transaction pool needs (no named prepared statements).
+  transaction pool needs (no named prepared statements unless asked for).
+- ``connect_raw``: a logged-in ``support.wire.RawClient`` to pgmux or PostgreSQL itself.
 - ``superuser(pg)``: a psycopg autocommit connection straight to PostgreSQL over the
   unix socket, to look at ``pg_stat_activity`` and ``pg_locks`` behind pgmux's back.
 - ``app_backends`` / ``app_locks``: what the ``app`` role's backends do and hold.
@@ -19,8 +20,8 @@ import inspect
 import os
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 import psycopg
@@ -28,6 +29,7 @@ from psycopg.rows import TupleRow
 
 from .pgcluster import APP_DB, APP_PASSWORD, APP_USER, PgCluster, find_client_tool
 from .pgmux import PgmuxProcess
+from .wire import RawClient
 
 T = TypeVar("T")
 
@@ -62,15 +64,39 @@ async def connect_psycopg(
     dbname: str = APP_DB,
     *,
     autocommit: bool = True,
+    prepare_threshold: int | None = None,
     **params: Any,
 ) -> psycopg.AsyncConnection[TupleRow]:
-    """psycopg through pgmux; no server-side prepares. Extra params go to the conninfo."""
+    """psycopg through pgmux; no server-side prepares unless ``prepare_threshold`` is
+    given (0: every query is prepared). Extra params go to the conninfo."""
     params.setdefault("connect_timeout", 15)
     return await psycopg.AsyncConnection.connect(
         pgmux.conninfo(user, password, dbname, **params),
         autocommit=autocommit,
-        prepare_threshold=None,
+        prepare_threshold=prepare_threshold,
     )
+
+
+class _Address(Protocol):
+    host: str
+    port: int
+
+
+async def connect_raw(
+    target: _Address,
+    user: str = APP_USER,
+    password: str = APP_PASSWORD,
+    database: str = APP_DB,
+    params: Mapping[str, str] | None = None,
+) -> RawClient:
+    """A RawClient logged in to ``target`` (a PgmuxProcess, or a PgCluster over TCP)."""
+    client = await RawClient.open(target.host, target.port)
+    try:
+        await client.login(user, password, database, params)
+    except BaseException:
+        client.abort()
+        raise
+    return client
 
 
 def postgres_error(exc: BaseException) -> asyncpg.PostgresError:

@@ -5,7 +5,14 @@ encoders would share its bugs.
 
 - Encoders: ``startup_packet``, ``ssl_request``, ``gssenc_request``, ``cancel_request``,
   ``message``, ``query``, ``parse``, ``bind``, ``execute``, ``sync``, ``flush``, ``copy_data``,
-  ``copy_done``, ``terminate``.
+  ``copy_done``, ``terminate``, ``describe_statement``, ``describe_portal``,
+  ``close_statement``, ``close_portal``.
+- Replies as lists of ``(type byte, body)``: ``RawClient.read_until_ready`` / ``exchange``
+  (one batch, up to ReadyForQuery) and ``exchange_batches`` (several); ``Reply`` wraps
+  such a list with ``types`` ("12DCZ"), ``rows``, ``errors``, ``tags``, ``status``.
+- ``parse_row_description`` / ``parse_parameter_description``.
+- ``run_steps``: a scripted exchange (``Step``: bytes to send, what to read back), to run
+  the same script against PostgreSQL itself and through pgmux and compare.
 - ``RawClient``: an asyncio stream to pgmux (or PostgreSQL) that reads whole messages
   and can log in (trust, cleartext, md5, SCRAM-SHA-256 and SCRAM-SHA-256-PLUS) and run
   simple queries. TLS either way: ``RawClient.open(..., ssl_context=ctx)`` is TLS from the
@@ -25,7 +32,7 @@ import hmac
 import os
 import ssl
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -85,13 +92,38 @@ def query(sql: str) -> bytes:
     return message(b"Q", _cstring(sql))
 
 
-def parse(sql: str, name: str = "") -> bytes:
-    return message(b"P", _cstring(name) + _cstring(sql) + struct.pack("!H", 0))
+def parse(sql: str, name: str = "", param_types: Sequence[int] = ()) -> bytes:
+    """Parse ``sql`` as statement ``name``; ``param_types``: parameter type OIDs (0: any)."""
+    types = struct.pack(f"!H{len(param_types)}I", len(param_types), *param_types)
+    return message(b"P", _cstring(name) + _cstring(sql) + types)
 
 
-def bind(portal: str = "", statement: str = "") -> bytes:
-    """Bind without parameters, text results."""
-    return message(b"B", _cstring(portal) + _cstring(statement) + struct.pack("!HHH", 0, 0, 0))
+def bind(portal: str = "", statement: str = "", params: Sequence[str | None] = ()) -> bytes:
+    """Bind with text parameters (None: NULL), text results."""
+    body = _cstring(portal) + _cstring(statement) + struct.pack("!HH", 0, len(params))
+    for value in params:
+        if value is None:
+            body += struct.pack("!i", -1)
+        else:
+            data = value.encode()
+            body += struct.pack("!i", len(data)) + data
+    return message(b"B", body + struct.pack("!H", 0))
+
+
+def describe_statement(name: str = "") -> bytes:
+    return message(b"D", b"S" + _cstring(name))
+
+
+def describe_portal(name: str = "") -> bytes:
+    return message(b"D", b"P" + _cstring(name))
+
+
+def close_statement(name: str = "") -> bytes:
+    return message(b"C", b"S" + _cstring(name))
+
+
+def close_portal(name: str = "") -> bytes:
+    return message(b"C", b"P" + _cstring(name))
 
 
 def execute(portal: str = "", max_rows: int = 0) -> bytes:
@@ -131,6 +163,102 @@ def parse_fields(body: bytes) -> dict[str, str]:
         fields[code] = body[pos + 1 : end].decode(errors="replace")
         pos = end + 1
     return fields
+
+
+def parse_row_description(body: bytes) -> list[tuple[str, int]]:
+    """RowDescription body -> [(column name, type OID)]."""
+    (count,) = struct.unpack_from("!H", body)
+    pos = 2
+    columns = []
+    for _ in range(count):
+        end = body.index(b"\x00", pos)
+        name = body[pos:end].decode()
+        _table, _column, type_oid, _size, _mod, _fmt = struct.unpack_from("!IHIhiH", body, end + 1)
+        columns.append((name, type_oid))
+        pos = end + 1 + 18
+    return columns
+
+
+def parse_parameter_description(body: bytes) -> list[int]:
+    """ParameterDescription body -> parameter type OIDs."""
+    (count,) = struct.unpack_from("!H", body)
+    return list(struct.unpack_from(f"!{count}I", body, 2))
+
+
+Message = tuple[bytes, bytes]
+
+
+@dataclass
+class Reply:
+    """Messages the server sent, as ``(type byte, body)`` pairs, with views on them."""
+
+    messages: list[Message]
+
+    @property
+    def types(self) -> str:
+        """The message types in order, e.g. "12DCZ"."""
+        return "".join(typ.decode() for typ, _ in self.messages)
+
+    @property
+    def rows(self) -> list[list[str | None]]:
+        return [_data_row(body) for typ, body in self.messages if typ == b"D"]
+
+    @property
+    def errors(self) -> list[dict[str, str]]:
+        return [parse_fields(body) for typ, body in self.messages if typ == b"E"]
+
+    @property
+    def sqlstates(self) -> list[str | None]:
+        return [error.get("C") for error in self.errors]
+
+    @property
+    def tags(self) -> list[str]:
+        return [body.rstrip(b"\x00").decode() for typ, body in self.messages if typ == b"C"]
+
+    @property
+    def status(self) -> str:
+        """The transaction status of the last ReadyForQuery ("" if none)."""
+        found = [body.decode() for typ, body in self.messages if typ == b"Z"]
+        return found[-1] if found else ""
+
+    def first(self, typ: bytes) -> bytes:
+        """The body of the first message of type ``typ``."""
+        for t, body in self.messages:
+            if t == typ:
+                return body
+        raise AssertionError(f"no {typ!r} message in {self.types!r}")
+
+    def split(self) -> list[Reply]:
+        """One Reply per ReadyForQuery (per batch)."""
+        out: list[Reply] = []
+        current: list[Message] = []
+        for msg in self.messages:
+            current.append(msg)
+            if msg[0] == b"Z":
+                out.append(Reply(current))
+                current = []
+        if current:
+            out.append(Reply(current))
+        return out
+
+
+Step = tuple[bytes, int | bytes]
+"""What to send, and what to read back: that many batches (ReadyForQuery each), or up
+to and including the first message of that type (e.g. b"G" for CopyInResponse)."""
+
+
+async def run_steps(client: RawClient, steps: Sequence[Step], timeout: float = 10) -> list[Reply]:
+    """Send each step and read its replies: one Reply per batch (or per step read
+    up to a message type)."""
+    replies: list[Reply] = []
+    for payload, until in steps:
+        await client.send(payload)
+        if isinstance(until, int):
+            for _ in range(until):
+                replies.append(await client.read_until_ready(timeout))
+        else:
+            replies.append(Reply(await client.read_until(until, timeout)))
+    return replies
 
 
 class ServerError(Exception):
@@ -258,6 +386,20 @@ class RawClient:
             got.append((typ, body))
             if typ == wanted:
                 return got
+
+    async def read_until_ready(self, timeout: float = 10) -> Reply:
+        """Every message up to and including the next ReadyForQuery."""
+        return Reply(await self.read_until(b"Z", timeout))
+
+    async def exchange(self, data: bytes, timeout: float = 10) -> Reply:
+        """Send ``data`` (one batch ending in Sync or a Query) and read its replies."""
+        await self.send(data)
+        return await self.read_until_ready(timeout)
+
+    async def exchange_batches(self, data: bytes, batches: int, timeout: float = 10) -> list[Reply]:
+        """Send ``data`` holding ``batches`` batches; the replies of each, in order."""
+        await self.send(data)
+        return [await self.read_until_ready(timeout) for _ in range(batches)]
 
     async def login(
         self,
