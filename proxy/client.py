@@ -75,12 +75,14 @@ class ClientConnection(asyncio.Protocol):
         "registry",
         "server",
         "settings",
+        "startup_settings",
         "state",
         "state_check",
         "statements",
         "terminating",
         "timer",
         "transport",
+        "trigger_sql",
         "user",
         "wait_started",
         "watch",
@@ -121,6 +123,8 @@ class ClientConnection(asyncio.Protocol):
         self.pinned: list[str] | None = None
         self.loaded = False
         self.last_sql = b""
+        self.trigger_sql = b""  # what made this transaction need a state check
+        self.startup_settings: Settings = ()
         self.batch_copy: bytearray | None = None  # see prepared.replan
         # The janitor's note for client timeouts: ((condition, sent, answered), since, acted).
         self.watch: tuple[tuple[str, int, int], float, bool] | None = None
@@ -356,7 +360,9 @@ class ClientConnection(asyncio.Protocol):
 
     def note_tag(self, tag: bytes) -> None:
         """A CommandComplete tag after which session state may have changed."""
-        self.state_check = True
+        if not self.state_check:
+            self.state_check = True
+            self.trigger_sql = self.last_sql
         if tag == LOAD_TAG:
             self.loaded = True
 
@@ -374,10 +380,12 @@ class ClientConnection(asyncio.Protocol):
                 server,
                 dict(self.settings).get("application_name", ""),
                 ", ".join(new),
-                self.last_sql[:200].decode("utf-8", "replace"),
+                (self.trigger_sql or self.last_sql)[:200].decode("utf-8", "replace"),
             )
+        self.trigger_sql = b""
 
     def unpin(self, server: ServerConnection) -> None:
+        self.trigger_sql = b""
         if self.pinned:
             log.info("%s: session state cleared; %s goes back to the pool", self, server)
             self.pinned = None

@@ -120,6 +120,7 @@ class Config:
     unix_socket_mode: int = 0o777
     max_prepared_statements: int = 200
     session_state: str = "pin"
+    session_state_check: str = "auto"
     client_tls: TLSConfig = field(default_factory=TLSConfig)
     server_tls: TLSConfig = field(default_factory=lambda: TLSConfig(sslmode="prefer"))
     admin_users: tuple[str, ...] = ()
@@ -216,6 +217,7 @@ def parse_config(raw: Mapping[str, Any], path: str = "<config>") -> Config:
     values["unix_socket_mode"] = _octal(reader, "unix_socket_mode", "0777")
     values["max_prepared_statements"] = reader.integer("max_prepared_statements", 200, 0)
     values["session_state"] = reader.choice("session_state", "pin", ("pin", "error"))
+    values["session_state_check"] = reader.choice("session_state_check", "auto", ("auto", "always"))
     for name in (
         "auth_query_cache_ttl",
         "client_idle_timeout",

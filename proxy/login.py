@@ -239,7 +239,7 @@ class Login:
                 "replication connections are not supported through pgmux; "
                 "connect to PostgreSQL directly for replication"
             )
-        client.settings = _settings_from(params)
+        client.settings = client.startup_settings = _settings_from(params)
         if registry.shutting_down:
             raise ShuttingDown("pooler is shutting down; reconnect to another instance")
         if len(registry.clients) > config.max_client_conn:

@@ -45,7 +45,7 @@ from .protocol.extended import (
     split_parse,
     split_target,
 )
-from .session_state import TEXT_TRIGGER, refusal
+from .session_state import TEXT_TRIGGER, deallocated_name, refusal
 
 if TYPE_CHECKING:
     from .client import ClientConnection
@@ -117,15 +117,17 @@ def rewrite_requests(
             sql = query_text(body)
             client.last_sql = sql
             if TEXT_TRIGGER.search(sql):
-                client.state_check = True
+                _trigger(client, sql)
             if refuse:
                 replacement = _refused(client, server, sql, query=True)
+            if replacement is None and tracking and client.statements:
+                replacement = _deallocate(client, server, sql)
         elif typ == 80:  # Parse
             name, rest = split_parse(body)
             sql = parse_query(rest)
             client.last_sql = sql
             if TEXT_TRIGGER.search(sql):
-                client.state_check = True
+                _trigger(client, sql)
             if refuse:
                 replacement = _refused(client, server, sql, query=False)
             if replacement is None:
@@ -161,6 +163,27 @@ def rewrite_requests(
         return buf if end == len(buf) else view[:end]
     parts.append(view[cursor:end])
     return b"".join(parts)
+
+
+def _trigger(client: ClientConnection, sql: bytes) -> None:
+    if not client.state_check:
+        client.state_check = True
+        client.trigger_sql = sql
+
+
+def _deallocate(client: ClientConnection, server: ServerConnection, sql: bytes) -> bytes | None:
+    """SQL ``DEALLOCATE name`` of a statement the client prepared through the protocol:
+    the server never had that name, so pgmux forgets it and answers itself (an empty
+    query whose EmptyQueryResponse becomes CommandComplete DEALLOCATE)."""
+    name = deallocated_name(sql)
+    statements = client.statements
+    if name is None or not statements or statements.pop(name, None) is None:
+        return None
+    replies = server.empty_replies
+    if replies is None:
+        replies = server.empty_replies = deque()
+    replies.append(messages.message(b"C", b"DEALLOCATE\x00"))
+    return messages.query("")
 
 
 def _ops(server: ServerConnection) -> deque[Op]:

@@ -47,6 +47,8 @@ from .session_state import (
     FORGET_STATEMENTS_TAGS,
     LOAD_REASON,
     REASONS,
+    SESSION_AUTHORIZATION_REASON,
+    SESSION_USER,
     STATE_QUERY,
     STATE_TAGS,
 )
@@ -67,7 +69,7 @@ PAUSE_CLIENT_FULL = 1
 
 # Transaction and statement modes also watch CommandComplete (session state, and a
 # BEGIN refused in statement mode), ParseComplete and CloseComplete (prepared statements).
-TRACKED_INTERESTING = interesting_table(b"ZSEGC13")
+TRACKED_INTERESTING = interesting_table(b"ZSEGC13I")
 _BEGIN_TAGS = (b"BEGIN", b"START TRANSACTION")
 
 # pgmux's own queries that return rows (auth_query) also read DataRow whole.
@@ -104,6 +106,7 @@ class ServerConnection(asyncio.Protocol):
         "created_at",
         "discard_pending",
         "drain_fe",
+        "empty_replies",
         "error_fields",
         "fatal",
         "held",
@@ -166,6 +169,7 @@ class ServerConnection(asyncio.Protocol):
         self.batch_started = False
         self.ops: deque[Op] | None = None
         self.markers: dict[bytes, bytes] | None = None
+        self.empty_replies: deque[bytes] | None = None
         self.scram: ScramClientSession | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.cancel_pending = 0
@@ -572,6 +576,8 @@ class ServerConnection(asyncio.Protocol):
                             replacement = b""
             elif typ == codes.B_PARSE_COMPLETE or typ == codes.B_CLOSE_COMPLETE:
                 replacement = reply_for(self, typ)
+            elif typ == codes.B_EMPTY_QUERY and self.empty_replies:
+                replacement = self.empty_replies.popleft()  # a request pgmux answered
             elif typ == codes.B_ERROR_RESPONSE:
                 body = buf[start + 5 : stop]
                 self._note_error(body)
@@ -618,7 +624,7 @@ class ServerConnection(asyncio.Protocol):
             if fe.idle:
                 client.close("client sent Terminate")  # settles this server
         elif done and fe.idle and self.pool.mode != "session" and self.client is client:
-            if client.state_check:
+            if client.state_check or self.registry.config.session_state_check == "always":
                 self._check_state(client)
             elif not client.pinned:
                 client.detach()
@@ -851,12 +857,15 @@ class ServerConnection(asyncio.Protocol):
                 client.detach()
             self.close("session state unknown")
             return
-        settings: list[tuple[str, str]] = []
+        settings: dict[str, str] = {}
         reasons: set[str] = set()
         for row in rows:
             kind = row[0]
             if kind == b"s" and row[1] is not None and row[2] is not None:
-                settings.append((row[1].decode().lower(), row[2].decode("utf-8", "replace")))
+                settings[row[1].decode().lower()] = row[2].decode("utf-8", "replace")
+            elif kind == SESSION_USER:
+                if (row[1] or b"").decode() != self.pool.settings.server_user:
+                    reasons.add(SESSION_AUTHORIZATION_REASON)
             elif kind is not None and kind in REASONS:
                 reasons.add(REASONS[kind])
         if client.loaded:
@@ -865,15 +874,29 @@ class ServerConnection(asyncio.Protocol):
             # The client left during the check: clean whatever cannot be replayed.
             self.settle(None, reset=bool(reasons))
             return
-        client.settings = self.pool.intern(tuple(sorted(settings)))
-        self.settings = client.settings
-        if reasons:
-            client.pin(self, sorted(reasons))
-            client.relay_pending(self)
-        else:
+        pool = self.pool
+        self.settings = pool.intern(tuple(sorted(settings.items())))
+        # As in PostgreSQL, what the client gave at startup is what RESET returns to.
+        wanted = dict(client.startup_settings)
+        wanted.update(settings)
+        client.settings = pool.intern(tuple(sorted(wanted.items())))
+        if not reasons:
             client.unpin(self)
             client.detach()
             self.settle(None)
+            return
+        client.pin(self, sorted(reasons))
+        if client.settings is self.settings:
+            client.relay_pending(self)
+            return
+
+        def reapplied(error: ErrorFields | None) -> None:
+            if self.client is client:
+                client.relay_pending(self)
+            else:
+                self.settle(None, discard=True)
+
+        self.apply_settings(client.settings, reapplied)
 
     def _after_cleanup_query(self, status: int, error: ErrorFields | None) -> None:
         if error is not None or status != codes.TX_IDLE:

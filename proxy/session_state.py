@@ -49,6 +49,9 @@ TEXT_TRIGGER = re.compile(rb"set_config|advisory|\btemp(?:orary)?\b", re.IGNOREC
 # state that cannot follow the client to another server.
 STATE_QUERY = """\
 SELECT 's', name, setting FROM pg_catalog.pg_settings WHERE source = 'session'
+UNION ALL SELECT 's', 'role', pg_catalog.current_setting('role')
+  WHERE pg_catalog.current_setting('role') <> 'none'
+UNION ALL SELECT 'u', session_user::text, NULL
 UNION ALL SELECT 't', c.relname::text, NULL FROM pg_catalog.pg_class c
   WHERE c.relpersistence = 't' AND c.relnamespace = pg_catalog.pg_my_temp_schema()
 UNION ALL SELECT 'a', l.objid::text, NULL FROM pg_catalog.pg_locks l
@@ -56,6 +59,11 @@ UNION ALL SELECT 'a', l.objid::text, NULL FROM pg_catalog.pg_locks l
 UNION ALL SELECT 'l', c, NULL FROM pg_catalog.pg_listening_channels() c
 UNION ALL SELECT 'c', name, NULL FROM pg_catalog.pg_cursors WHERE is_holdable
 UNION ALL SELECT 'p', name, NULL FROM pg_catalog.pg_prepared_statements WHERE from_sql"""
+
+# pg_settings hides "role" (GUC_NO_SHOW_ALL), hence its own row; "u" is session_user,
+# which SET SESSION AUTHORIZATION changes (superuser only; pins, never replayed).
+SESSION_USER = b"u"
+SESSION_AUTHORIZATION_REASON = "SET SESSION AUTHORIZATION"
 
 REASONS = {
     b"t": "temporary table",
@@ -109,11 +117,44 @@ _REFUSALS = (
 _ON_COMMIT_DROP = re.compile(rb"\bon\s+commit\s+drop\b", re.IGNORECASE)
 
 
+# String literals (with '' and E'\\' escapes), quoted identifiers, dollar-quoted
+# bodies and comments: words inside them are not SQL, so they are blanked first.
+_NOT_SQL = re.compile(
+    rb"""(?xs)
+      [eE]'(?:[^'\\]|\\.|'')*'
+    | '(?:[^']|'')*'
+    | "(?:[^"]|"")*"
+    | (\$[A-Za-z_0-9]*\$).*?\1
+    | --[^\n]*
+    | /\*.*?\*/
+    """
+)
+
+
 def refusal(sql: bytes) -> tuple[str, str] | None:
     """(feature, reason) when ``sql`` would create state that cannot follow a client."""
+    code = _NOT_SQL.sub(b" ", sql)
     for pattern, feature, reason in _REFUSALS:
-        if pattern.search(sql):
-            if feature == "temporary tables" and _ON_COMMIT_DROP.search(sql):
+        if pattern.search(code):
+            if feature == "temporary tables" and _ON_COMMIT_DROP.search(code):
                 continue
             return feature, reason
     return None
+
+
+# SQL DEALLOCATE of one statement: for a protocol-level statement pgmux renamed, pgmux
+# forgets the mapping and answers DEALLOCATE itself (psycopg with libpq < 17 does this).
+DEALLOCATE_ONE = re.compile(
+    rb'(?is)\A\s*deallocate\s+(?:prepare\s+)?(?:"((?:[^"]|"")+)"|([a-z_][a-z0-9_$]*))\s*;?\s*\Z'
+)
+
+
+def deallocated_name(sql: bytes) -> bytes | None:
+    """The statement name of ``DEALLOCATE [PREPARE] name`` (not ALL), else None."""
+    match = DEALLOCATE_ONE.match(sql)
+    if match is None:
+        return None
+    if match.group(1) is not None:
+        return match.group(1).replace(b'""', b'"')
+    name = match.group(2).lower()
+    return None if name == b"all" else name

@@ -206,7 +206,7 @@ class FrontendStream:
                 # The server ignores Sync during copy-in (protocol docs, "COPY Operations").
                 if not self.copy_in:
                     requests.append(REQ_SYNC)
-                self.sent += 1
+                    self.sent += 1
             elif kind == K_EXTENDED:
                 self.extended_open = True
             elif kind == K_COPY_END:
@@ -253,6 +253,7 @@ class FrontendStream:
             if entry != REQ_SYNC:
                 break  # a client pipelining commands into a copy; the server errors it out
             requests.popleft()
+            self.answered += 1  # an ignored Sync is "answered" by nothing: keep counts even
         if head is not None:
             requests.appendleft(head)
         self.copy_in = not ended

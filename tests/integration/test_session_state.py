@@ -674,11 +674,18 @@ def hidden_state_functions(pg: PgCluster) -> None:
     )
 
 
+@pytest.fixture
+def always_checked(pgmux_factory: PgmuxFactory) -> PgmuxProcess:
+    """A pool of 1 that checks session state after every transaction: what a function
+    does inside (set_config, CREATE TEMP TABLE) shows no tag or keyword to pgmux."""
+    return pgmux_factory({"default_pool_size": 1, "session_state_check": "always"})
+
+
 async def test_setting_changed_inside_function_does_not_leak(
-    pool1: PgmuxProcess, hidden_state_functions: None
+    always_checked: PgmuxProcess, hidden_state_functions: None
 ) -> None:
-    x = await connect_asyncpg(pool1)
-    y = await connect_asyncpg(pool1)
+    x = await connect_asyncpg(always_checked)
+    y = await connect_asyncpg(always_checked)
     try:
         assert await x.fetchval("SELECT ss_tune()") == 1
         assert await x.fetchval("SHOW work_mem") == "2MB"
@@ -689,10 +696,10 @@ async def test_setting_changed_inside_function_does_not_leak(
 
 
 async def test_temp_table_created_inside_function_does_not_leak(
-    pool1: PgmuxProcess, hidden_state_functions: None
+    always_checked: PgmuxProcess, hidden_state_functions: None
 ) -> None:
-    x = await connect_asyncpg(pool1)
-    y = await connect_asyncpg(pool1)
+    x = await connect_asyncpg(always_checked)
+    y = await connect_asyncpg(always_checked)
     try:
         assert await x.fetchval("SELECT ss_scratch()") == 1
         await x.execute("INSERT INTO ss_scratch_t VALUES (1)")
