@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any, cast
 
 from .config import DatabaseConfig
@@ -23,7 +24,7 @@ from .prepared import Statement, copy_batch, rewrite_requests
 from .protocol import codes, messages
 from .protocol.errors import ProtocolError
 from .protocol.startup import CancelRequest
-from .protocol.stream import TRACKED_FRONTEND, FrontendStream
+from .protocol.stream import TRACKED_FRONTEND, FrontendEvent, FrontendStream
 from .server import (
     PAUSE_CLIENT_FULL,
     WRITE_HIGH_WATER,
@@ -56,11 +57,13 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "addr",
         "admin",
+        "barrier",
         "batch_copy",
         "cancel_key",
         "cancel_pid",
         "connected_at",
         "dbname",
+        "deferred",
         "fe",
         "host",
         "id",
@@ -126,6 +129,9 @@ class ClientConnection(asyncio.Protocol):
         self.trigger_sql = b""  # what made this transaction need a state check
         self.startup_settings: Settings = ()
         self.batch_copy: bytearray | None = None  # see prepared.replan
+        # Pipelined requests held behind one whose effect is not known yet.
+        self.barrier = -1
+        self.deferred: tuple[bytes, Sequence[FrontendEvent], int, int] | None = None
         # The janitor's note for client timeouts: ((condition, sent, answered), since, acted).
         self.watch: tuple[tuple[str, int, int], float, bool] | None = None
         self.connected_at = time.monotonic()
@@ -201,6 +207,9 @@ class ClientConnection(asyncio.Protocol):
                 # (With pgmux's own query in flight, its callback settles the server.)
                 if self.loaded:
                     server.close("its client ran LOAD, which cannot be undone")
+                elif self.deferred is not None:
+                    # Counted requests that never went out: the server cannot answer them.
+                    server.close("its client left with pipelined requests not yet sent")
                 else:
                     server.settle(
                         self.fe,

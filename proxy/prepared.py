@@ -45,7 +45,7 @@ from .protocol.extended import (
     split_parse,
     split_target,
 )
-from .session_state import TEXT_TRIGGER, deallocated_name, refusal
+from .session_state import FORGETS_STATEMENTS, TEXT_TRIGGER, deallocated_name, refusal
 
 if TYPE_CHECKING:
     from .client import ClientConnection
@@ -58,21 +58,25 @@ A_PASS = 0  # the client's own message; its reply goes through
 A_PARSE = 1  # the client's Parse under the pgmux name; reply goes through
 A_FAKE_PARSE = 2  # no-op Close instead of a Parse the server needs not do: '3' -> '1'
 A_INJECT = 3  # a Parse pgmux added before a Bind/Describe: its '1' is swallowed
+A_CLOSE = 4  # the client's Close; if skipped after an error, its mapping comes back
 
-NOOP_CLOSE = build_target(b"C", STATEMENT, b"pgmux_noop")
+NOOP_SUFFIX = b"_noop"  # pgmux_17_noop: names no statement, says which one it stands for
 MARKER_PREFIX = b"pgmux_error_"
 
 Op = tuple[int, int, "Statement | None", bytes]  # (batch, action, statement, client name)
 
 
 class Statement:
-    """One distinct (query, parameter types): its pgmux name and the Parse creating it."""
+    """One distinct (query, parameter types): its pgmux name, the Parse creating it, and
+    the no-op Close sent in place of a Parse the server needs not do."""
 
-    __slots__ = ("name", "parse")
+    __slots__ = ("key", "name", "noop_close", "parse")
 
     def __init__(self, name: bytes, rest: bytes) -> None:
+        self.key = rest
         self.name = name
         self.parse = build_parse(name, rest)
+        self.noop_close = build_target(b"C", STATEMENT, name + NOOP_SUFFIX)
 
 
 class StatementNames:
@@ -92,6 +96,11 @@ class StatementNames:
             found = self._by_key[rest] = Statement(b"pgmux_%d" % next(self._counter), rest)
         return found
 
+    def renew(self, statement: Statement) -> None:
+        """The next Parse of this text gets a new name (its plans went stale)."""
+        if self._by_key.get(statement.key) is statement:
+            del self._by_key[statement.key]
+
     def new_marker(self) -> bytes:
         return MARKER_PREFIX + b"%d" % next(self._markers)
 
@@ -102,15 +111,27 @@ def rewrite_requests(
     buf: bytes,
     end: int,
     events: Sequence[tuple[int, int, int, int]],
+    begin: int = 0,
 ) -> bytes | memoryview:
-    """What to send for ``buf[:end]``: the bytes as they are, or rewritten."""
+    """What to send for ``buf[begin:end]``: the bytes as they are, or rewritten.
+
+    A request whose effect on the statement names is not known yet (a Parse or Close
+    in flight, DEALLOCATE ALL, DISCARD ALL) holds back the requests pipelined after
+    it: they wait in ``client.deferred`` until its ReadyForQuery, then are rewritten
+    against what really happened (``resume_deferred``).
+    """
     registry = client.registry
     tracking = registry.config.max_prepared_statements > 0
     refuse = registry.config.session_state == "error"
     parts: list[bytes | memoryview] | None = None
     view = memoryview(buf)
-    cursor = 0
-    for typ, start, stop, batch in events:
+    cursor = begin
+    answered = client.fe.answered
+    for index, (typ, start, stop, batch) in enumerate(events):
+        if batch > client.barrier >= answered:
+            client.deferred = (buf, events[index:], start, end)
+            end = start
+            break
         body = buf[start + 5 : stop]
         replacement: bytes | None = None
         if typ == 81:  # Query
@@ -122,6 +143,8 @@ def rewrite_requests(
                 replacement = _refused(client, server, sql, query=True)
             if replacement is None and tracking and client.statements:
                 replacement = _deallocate(client, server, sql)
+            if FORGETS_STATEMENTS.search(sql):
+                client.barrier = batch
         elif typ == 80:  # Parse
             name, rest = split_parse(body)
             sql = parse_query(rest)
@@ -137,7 +160,7 @@ def rewrite_requests(
                 portal_end, name, offset = split_bind(body)
                 statement = _known(client, name)
                 if statement is not None:
-                    inject = _ensure(server, statement, batch)
+                    inject = _ensure(client, server, statement, batch)
                     replacement = inject + build_bind(body, portal_end, statement.name, offset)
                     if client.batch_copy is None:
                         client.batch_copy = bytearray()  # keep this request (see replan)
@@ -146,13 +169,15 @@ def rewrite_requests(
                 kind, name = split_target(body, "Describe")
                 statement = _known(client, name) if kind == STATEMENT else None
                 if statement is not None:
-                    inject = _ensure(server, statement, batch)
+                    inject = _ensure(client, server, statement, batch)
                     replacement = inject + build_target(b"D", STATEMENT, statement.name)
         elif typ == 67:  # Close
             kind, name = split_target(body, "Close")
+            closed = None
             if kind == STATEMENT and name and client.statements:
-                client.statements.pop(name, None)
-            _ops(server).append((batch, A_PASS, None, b""))
+                closed = client.statements.pop(name, None)  # restored if it is skipped
+            _ops(server).append((batch, A_CLOSE, closed, name))
+            client.barrier = batch
         if replacement is not None:
             if parts is None:
                 parts = []
@@ -160,9 +185,24 @@ def rewrite_requests(
             parts.append(replacement)
             cursor = stop
     if parts is None:
-        return buf if end == len(buf) else view[:end]
+        return buf if begin == 0 and end == len(buf) else view[begin:end]
     parts.append(view[cursor:end])
     return b"".join(parts)
+
+
+def resume_deferred(client: ClientConnection, server: ServerConnection) -> None:
+    """The request that held back later ones is answered: send them now (some may be
+    held again behind a new one)."""
+    deferred = client.deferred
+    if deferred is None or client.fe.answered <= client.barrier:
+        return
+    client.deferred = None
+    buf, events, begin, end = deferred
+    out = rewrite_requests(client, server, buf, end, events, begin)
+    if client.batch_copy is not None:
+        copy_batch(client, out)
+    if out and server.transport is not None:
+        server.transport.write(out)
 
 
 def _trigger(client: ClientConnection, sql: bytes) -> None:
@@ -199,7 +239,9 @@ def _known(client: ClientConnection, name: bytes) -> Statement | None:
     return client.statements.get(name)
 
 
-def _ensure(server: ServerConnection, statement: Statement, batch: int) -> bytes:
+def _ensure(
+    client: ClientConnection, server: ServerConnection, statement: Statement, batch: int
+) -> bytes:
     """The Parse to send first if this server lacks the statement, else b""."""
     prepared = server.prepared
     if prepared is None:
@@ -208,7 +250,15 @@ def _ensure(server: ServerConnection, statement: Statement, batch: int) -> bytes
         prepared.move_to_end(statement.name)
         return b""
     prepared[statement.name] = statement
-    _ops(server).append((batch, A_INJECT, statement, b""))
+    ops = _ops(server)
+    client.barrier = batch
+    if statement.name in server.stale:
+        # Its plan went stale here: replace it (the server still holds the old one).
+        server.stale.discard(statement.name)
+        ops.append((batch, A_INJECT, statement, b""))  # the CloseComplete
+        ops.append((batch, A_INJECT, statement, b""))  # the ParseComplete
+        return build_target(b"C", STATEMENT, statement.name) + statement.parse
+    ops.append((batch, A_INJECT, statement, b""))
     return statement.parse
 
 
@@ -224,6 +274,7 @@ def _parse(
     if not name or not tracking:
         ops.append((batch, A_PASS, None, b""))
         return None
+    client.barrier = batch
     statements = client.statements
     if statements is None:
         statements = client.statements = {}
@@ -246,7 +297,7 @@ def _parse(
     if statement.name in prepared:
         prepared.move_to_end(statement.name)
         ops.append((batch, A_FAKE_PARSE, statement, name))
-        return NOOP_CLOSE
+        return statement.noop_close
     prepared[statement.name] = statement
     ops.append((batch, A_PARSE, statement, name))
     return statement.parse
@@ -306,7 +357,7 @@ def reply_for(server: ServerConnection, typ: int) -> bytes | None:
             return None
     elif action == A_FAKE_PARSE:
         return PARSE_COMPLETE
-    elif action == A_PASS:
+    elif action in (A_PASS, A_CLOSE):
         return None
     elif action == A_INJECT:  # a Close pgmux sent itself
         return b""
@@ -344,6 +395,10 @@ def _undo(
     statements = client.statements
     if action in (A_PARSE, A_FAKE_PARSE) and statements and statements.get(name) is statement:
         del statements[name]  # a Parse that did not happen is never cached
+    elif action == A_CLOSE:
+        if client.statements is None:
+            client.statements = {}
+        client.statements.setdefault(name, statement)  # a Close that did not happen
 
 
 def batch_done(server: ServerConnection, client: ClientConnection) -> None:
@@ -383,51 +438,116 @@ def copy_batch(client: ClientConnection, data: bytes | memoryview) -> None:
 
 
 def replan(server: ServerConnection, client: ClientConnection, batch: int) -> bytes | None:
-    """After DDL changed a statement's result type, PostgreSQL refuses its cached plan.
-    When the failed request was a plain execution (Bind/Describe/Execute/Sync of named
-    statements, outside a transaction, alone in flight and nothing of it sent to the
-    client yet), return what re-creates those statements and runs the request again;
-    None otherwise (the client then gets the error)."""
+    """After DDL changed a statement's result type PostgreSQL refuses its cached plan.
+    Return the request to send again on fresh plans, or None to let the error through.
+
+    Retried: a request alone in flight, outside a transaction, nothing of it sent to the
+    client yet, made only of Bind/Describe/Execute/Sync/Flush plus Parses pgmux had
+    answered itself; and either it Describes (the client learns the new row shape) or
+    every failing statement was parsed in it (PostgreSQL would have planned afresh).
+    Otherwise the statements are renewed, so the client's own retry gets fresh plans.
+    """
     copy = client.batch_copy
     prepared = server.prepared
     if not copy or prepared is None or len(client.fe.requests) != 1:
         return None
-    names: list[bytes] = []
-    pos = 0
     data = bytes(copy)
+    found = _plain_request(data, prepared)
+    if found is None:
+        return None
+    bound, fake_parsed, described = found
+    if not bound or not (described or bound <= fake_parsed):
+        return None
+    # What was pending for the failed attempt is replaced by what the retry will do;
+    # nothing is undone (the client's Parses stand, they are only re-planned).
+    ops = _ops(server)
+    kept = [op for op in ops if op[0] != batch]
+    ops.clear()
+    ops.extend(kept)
+    resend: list[bytes] = []
+    for name in bound - fake_parsed:  # used but not parsed in this request: re-plan first
+        statement = prepared[name]
+        resend += (build_target(b"C", STATEMENT, name), statement.parse)
+        ops.append((batch, A_INJECT, statement, b""))  # swallow the CloseComplete
+        ops.append((batch, A_INJECT, statement, b""))  # and the ParseComplete
+    pos = 0
+    while pos < len(data):
+        end = pos + 1 + int.from_bytes(data[pos + 1 : pos + 5], "big")
+        if data[pos] == 67:  # pgmux's no-op Close standing for a Parse: a real one now
+            name = split_target(data[pos + 5 : end], "Close")[1][: -len(NOOP_SUFFIX)]
+            statement = prepared[name]
+            resend += (build_target(b"C", STATEMENT, name), statement.parse)
+            ops.append((batch, A_INJECT, statement, b""))  # swallow the CloseComplete
+            ops.append((batch, A_PASS, None, b""))  # the ParseComplete the client awaits
+        else:
+            resend.append(data[pos:end])
+        pos = end
+    log.info("%s: statement result type changed; re-preparing and retrying", client)
+    return b"".join(resend)
+
+
+def _plain_request(
+    data: bytes, prepared: OrderedDict[bytes, Statement]
+) -> tuple[set[bytes], set[bytes], bool] | None:
+    """(statements bound, statements pgmux fake-parsed, whether it Describes) for a
+    request that can be sent again as it is; None for any other request."""
+    bound: set[bytes] = set()
+    fake_parsed: set[bytes] = set()
+    described = False
+    pos = 0
     while pos + 5 <= len(data):
         typ = data[pos]
         end = pos + 1 + int.from_bytes(data[pos + 1 : pos + 5], "big")
-        if typ in (80, 67, 81) or end > len(data):  # Parse, Close, Query: not plain
+        if end > len(data) or typ in (80, 81, 70):  # Parse, Query, FunctionCall
             return None
-        if typ == 66:  # Bind
-            _, name, _ = split_bind(data[pos + 5 : end])
-            if name and name not in names:
-                names.append(name)
+        body = data[pos + 5 : end]
+        if typ == 67:  # Close: only pgmux's own no-op for a statement it holds
+            kind, name = split_target(body, "Close")
+            stem = name[: -len(NOOP_SUFFIX)]
+            if kind != STATEMENT or not name.endswith(NOOP_SUFFIX) or stem not in prepared:
+                return None
+            fake_parsed.add(stem)
+        elif typ == 66:  # Bind
+            name = split_bind(body)[1]
+            if name:
+                if name not in prepared:
+                    return None
+                bound.add(name)
+        elif typ == 68:  # Describe
+            described = True
         pos = end
-    if pos != len(data) or not names or data[-5:] != messages.SYNC:
+    if pos != len(data) or not data.endswith(messages.SYNC):
         return None
-    resend = []
-    ops = _ops(server)
-    for name in names:
-        statement = prepared.get(name)
-        if statement is None:
-            return None
-        resend.append(build_target(b"C", STATEMENT, name))
-        resend.append(statement.parse)
-        ops.append((batch, A_INJECT, statement, b""))  # swallow the CloseComplete
-        ops.append((batch, A_INJECT, statement, b""))  # and the ParseComplete
-    log.info("%s: statement result type changed; re-preparing and retrying", client)
-    return b"".join(resend) + data
+    return bound, fake_parsed, described
+
+
+def renew_stale(server: ServerConnection, client: ClientConnection) -> None:
+    """The request is not retried: the statements it bound get fresh pgmux names (a new
+    Parse of the same text plans afresh everywhere) and leave this server at release."""
+    copy = client.batch_copy
+    prepared = server.prepared
+    if not copy or not prepared:
+        return
+    data = bytes(copy)
+    names = client.registry.statement_names
+    pos = 0
+    while pos + 5 <= len(data):
+        end = pos + 1 + int.from_bytes(data[pos + 1 : pos + 5], "big")
+        if data[pos] == 66 and end <= len(data):
+            name = split_bind(data[pos + 5 : end])[1]
+            statement = prepared.pop(name, None)
+            if statement is not None:
+                names.renew(statement)
+                server.stale.add(name)
+        pos = end
 
 
 def evictions(server: ServerConnection, limit: int) -> bytes:
-    """Close messages for the least recently used statements beyond ``limit``."""
+    """Close messages for stale statements and the least recently used beyond ``limit``."""
     prepared = server.prepared
-    if not prepared or len(prepared) <= limit:
-        return b""
-    closes = []
-    while len(prepared) > limit:
+    closes = [build_target(b"C", STATEMENT, name) for name in sorted(server.stale)]
+    server.stale.clear()
+    while prepared and len(prepared) > limit:
         name, _ = prepared.popitem(last=False)
         closes.append(build_target(b"C", STATEMENT, name))
     return b"".join(closes)

@@ -29,8 +29,10 @@ from .prepared import (
     error_reply,
     evictions,
     forget_statements,
+    renew_stale,
     replan,
     reply_for,
+    resume_deferred,
 )
 from .protocol import codes, messages
 from .protocol.errors import ProtocolError
@@ -129,6 +131,7 @@ class ServerConnection(asyncio.Protocol):
         "settings",
         "settle_after_cancel",
         "ssl_answer_pending",
+        "stale",
         "state",
         "statement_mode",
         "stream",
@@ -170,6 +173,7 @@ class ServerConnection(asyncio.Protocol):
         self.ops: deque[Op] | None = None
         self.markers: dict[bytes, bytes] | None = None
         self.empty_replies: deque[bytes] | None = None
+        self.stale: set[bytes] = set()  # statements whose plans went stale: closed at release
         self.scram: ScramClientSession | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.cancel_pending = 0
@@ -518,6 +522,8 @@ class ServerConnection(asyncio.Protocol):
         parts: list[bytes | memoryview] | None = None
         cursor = 0
         done = False
+        batch_start = 0  # where the reply to the request now in flight begins
+        batch_parts = -1  # len(parts) at batch_start (-1: parts did not exist yet)
         held = self.held
         if held is not None:
             self.held = None
@@ -545,16 +551,18 @@ class ServerConnection(asyncio.Protocol):
                 self.tx_status = status
                 if self.ops or self.markers:
                     batch_done(self, client)
-                if status == codes.TX_IDLE:
-                    done = True
-                elif self.statement_mode:
+                if status != codes.TX_IDLE and self.statement_mode:
                     parts = parts or []
                     parts.append(view[cursor:start])
                     write(b"".join(parts))
                     self._refuse_transaction(client, fe)
                     return
-                else:
-                    done = False
+                done = status == codes.TX_IDLE
+                batch_start = stop
+                if parts is not None:
+                    parts.append(view[cursor:stop])
+                    cursor = stop
+                    batch_parts = len(parts)
             elif typ == codes.B_COMMAND_COMPLETE:
                 tag = buf[start + 5 : stop - 1]
                 if tag in STATE_TAGS:
@@ -581,20 +589,27 @@ class ServerConnection(asyncio.Protocol):
             elif typ == codes.B_ERROR_RESPONSE:
                 body = buf[start + 5 : stop]
                 self._note_error(body)
-                if self.ops or self.markers:
+                retry = None
+                if CACHED_PLAN_ERROR in body:
+                    if self.tx_status == codes.TX_IDLE and not (
+                        self.batch_started and batch_start == 0
+                    ):
+                        retry = replan(self, client, fe.answered)
+                    if retry is None:
+                        renew_stale(self, client)
+                if retry is not None:
+                    # Nothing of this attempt goes out: drop its replies so far in this
+                    # chunk (an earlier chunk held none of them) and skip to its end.
+                    client.batch_copy = bytearray(retry)
+                    self.retrying = True
+                    if parts is None or batch_parts < 0:
+                        parts = [view[:batch_start]]
+                    else:
+                        del parts[batch_parts:]
+                    cursor = stop
+                    continue
+                elif self.ops or self.markers:
                     replacement = error_reply(self, client, body)
-                if (
-                    CACHED_PLAN_ERROR in body
-                    and self.tx_status == codes.TX_IDLE
-                    and cursor == 0
-                    and start == 0
-                    and not self.batch_started
-                ):
-                    retry = replan(self, client, fe.answered)
-                    if retry is not None:
-                        client.batch_copy = bytearray(retry)
-                        self.retrying = True
-                        replacement = b""
             elif typ == codes.B_PARAMETER_STATUS:
                 name, value = messages.parse_parameter_status(buf[start + 5 : stop])
                 self.params[name] = value
@@ -614,6 +629,8 @@ class ServerConnection(asyncio.Protocol):
         else:
             parts.append(view[cursor:end])
             write(b"".join(parts))
+        if client.deferred is not None:
+            resume_deferred(client, self)
         # Has the client been sent anything of the request now in flight?
         self.batch_started = not (events and events[-1][0] == codes.B_READY_FOR_QUERY
                                   and events[-1][2] == end)  # fmt: skip

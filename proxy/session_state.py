@@ -37,6 +37,9 @@ STATE_TAGS = frozenset(
         b"DROP TABLE",
     )
 )
+# Queries after which the client's statement names may be gone: later pipelined
+# requests wait until it is answered (prepared.rewrite_requests).
+FORGETS_STATEMENTS = re.compile(rb"deallocate|discard", re.IGNORECASE)
 # Tags after which every prepared statement of the session is gone.
 FORGET_STATEMENTS_TAGS = frozenset((b"DISCARD ALL", b"DEALLOCATE ALL"))
 LOAD_TAG = b"LOAD"

@@ -773,14 +773,22 @@ async def test_cached_plan_result_type_change(
     pg: PgCluster, pool1: PgmuxProcess, prep_table: str
 ) -> None:
     """ALTER TABLE under a prepared SELECT *: PostgreSQL itself fails the next Execute
-    with 0A000 "cached plan must not change result type". The wanted behaviour: pgmux
-    re-prepares and retries transparently, since nothing reached the client yet."""
+    with 0A000 "cached plan must not change result type". pgmux re-prepares and retries
+    transparently when the request Describes its portal (the client learns the new row
+    shape, as psycopg does); a request that does not (asyncpg) gets PostgreSQL's own
+    error, since the client decodes rows by the shape it was told before, and its
+    retry then works on a fresh plan."""
     async with await connect_raw(pool1) as x:
         r = await x.exchange(_pbes("SELECT * FROM prep_t", "s1"))
         assert (r.types, r.rows) == ("12DCZ", [["1"]])
         pg.psql("ALTER TABLE prep_t ADD COLUMN b int DEFAULT 7")
+        r = await x.exchange(bind("", "s1") + describe_portal("") + execute() + sync())
+        assert r.errors == [] and r.types == "2TDCZ" and r.rows == [["1", "7"]], r
+        pg.psql("ALTER TABLE prep_t ADD COLUMN c int DEFAULT 8")
         r = await x.exchange(_bes("s1"))
-        assert r.errors == [] and r.rows == [["1", "7"]], r
+        assert r.sqlstates == ["0A000"], r  # as PostgreSQL answers
+        r = await x.exchange(_bes("s1"))
+        assert r.errors == [] and r.rows == [["1", "7", "8"]], r
 
 
 async def test_new_parse_after_alter_table(
