@@ -1,5 +1,6 @@
-"""Periodic housekeeping: queue timeouts, idle and old servers, minimum pool sizes, and
-the client timeouts (client_idle_timeout, idle_transaction_timeout, query_timeout).
+"""Periodic housekeeping: queue timeouts, idle and old servers, minimum pool sizes,
+settings left behind by departed clients, and the client timeouts
+(client_idle_timeout, idle_transaction_timeout, query_timeout).
 
 Client timeouts are measured by sampling, so the relay never reads the clock: each
 sweep notes a client's request counters, and a state that persists with unchanged
@@ -46,6 +47,20 @@ def sweep(registry: Registry, now: float) -> None:
     if watch_clients:
         for client in list(registry.clients):
             check_client(client, now)
+    if not registry.shutting_down:
+        reset_stale_settings(registry)
+
+
+def reset_stale_settings(registry: Registry) -> None:
+    """Servers keep a client's settings between its transactions, so that it need not
+    replay them each time; once no connected client has those settings, idle servers
+    holding them are reset, so a pool at rest has only servers with default values."""
+    if not any(s.settings for pool in registry.iter_pools() for s in pool.idle):
+        return
+    live = {id(client.settings) for client in registry.clients}
+    for pool in registry.iter_pools():
+        for server in pool.take_stale_settings(live):
+            server.reset_settings()
 
 
 def check_client(client: ClientConnection, now: float) -> None:

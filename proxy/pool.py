@@ -63,6 +63,8 @@ class PooledServer(Protocol):
 
     def close(self, reason: str) -> None: ...
 
+    def reset_settings(self) -> None: ...
+
 
 class PooledClient(Protocol):
     """What the pool needs of a client connection."""
@@ -327,6 +329,15 @@ class Pool:
                 server.close(f"server_idle_timeout of {idle_timeout:g} s reached")
             elif lifetime and now - server.created_at > lifetime:
                 server.close(f"server_lifetime of {lifetime:g} s reached")
+
+    def take_stale_settings(self, live: set[int]) -> list[PooledServer]:
+        """Idle servers still holding settings that no connected client has (``live``:
+        ids of the clients' settings tuples), taken out of the idle list to be reset."""
+        stale = [s for s in self.idle if s.settings and id(s.settings) not in live]
+        for server in stale:
+            self.idle.remove(server)
+            server.state = ServerState.ACTIVE
+        return stale
 
     def retry_dispatch(self) -> None:
         """Try again to open servers for clients still queued (after failures)."""

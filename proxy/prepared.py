@@ -40,12 +40,17 @@ from .protocol.extended import (
     build_parse,
     build_target,
     parse_query,
-    query_text,
     split_bind,
     split_parse,
     split_target,
 )
-from .session_state import FORGETS_STATEMENTS, TEXT_TRIGGER, deallocated_name, refusal
+from .session_state import (
+    ANY_TRIGGER,
+    FORGETS_STATEMENTS,
+    TEXT_TRIGGER,
+    deallocated_name,
+    refusal,
+)
 
 if TYPE_CHECKING:
     from .client import ClientConnection
@@ -124,7 +129,6 @@ def rewrite_requests(
     tracking = registry.config.max_prepared_statements > 0
     refuse = registry.config.session_state == "error"
     parts: list[bytes | memoryview] | None = None
-    view = memoryview(buf)
     cursor = begin
     answered = client.fe.answered
     for index, (typ, start, stop, batch) in enumerate(events):
@@ -132,24 +136,26 @@ def rewrite_requests(
             client.deferred = (buf, events[index:], start, end)
             end = start
             break
-        body = buf[start + 5 : stop]
         replacement: bytes | None = None
-        if typ == 81:  # Query
-            sql = query_text(body)
+        if typ == 81:  # Query: the hot path, so its text is sliced out only once
+            if buf[stop - 1] != 0:
+                raise ProtocolError("Query is not NUL-terminated")
+            sql = buf[start + 5 : stop - 1]
             client.last_sql = sql
-            if TEXT_TRIGGER.search(sql):
-                _trigger(client, sql)
             if refuse:
                 replacement = _refused(client, server, sql, query=True)
-            if replacement is None and tracking and client.statements:
-                replacement = _deallocate(client, server, sql)
-            if FORGETS_STATEMENTS.search(sql):
-                client.barrier = batch
+            if ANY_TRIGGER.search(sql.lower()):
+                if TEXT_TRIGGER.search(sql):
+                    _trigger(client, sql)
+                if replacement is None and tracking and client.statements:
+                    replacement = _deallocate(client, server, sql)
+                if FORGETS_STATEMENTS.search(sql):
+                    client.barrier = batch
         elif typ == 80:  # Parse
-            name, rest = split_parse(body)
+            name, rest = split_parse(buf[start + 5 : stop])
             sql = parse_query(rest)
             client.last_sql = sql
-            if TEXT_TRIGGER.search(sql):
+            if ANY_TRIGGER.search(sql.lower()) and TEXT_TRIGGER.search(sql):
                 _trigger(client, sql)
             if refuse:
                 replacement = _refused(client, server, sql, query=False)
@@ -157,6 +163,7 @@ def rewrite_requests(
                 replacement = _parse(client, server, name, rest, batch, tracking)
         elif typ == 66:  # Bind
             if tracking:
+                body = buf[start + 5 : stop]
                 portal_end, name, offset = split_bind(body)
                 statement = _known(client, name)
                 if statement is not None:
@@ -166,13 +173,13 @@ def rewrite_requests(
                         client.batch_copy = bytearray()  # keep this request (see replan)
         elif typ == 68:  # Describe
             if tracking:
-                kind, name = split_target(body, "Describe")
+                kind, name = split_target(buf[start + 5 : stop], "Describe")
                 statement = _known(client, name) if kind == STATEMENT else None
                 if statement is not None:
                     inject = _ensure(client, server, statement, batch)
                     replacement = inject + build_target(b"D", STATEMENT, statement.name)
         elif typ == 67:  # Close
-            kind, name = split_target(body, "Close")
+            kind, name = split_target(buf[start + 5 : stop], "Close")
             closed = None
             if kind == STATEMENT and name and client.statements:
                 closed = client.statements.pop(name, None)  # restored if it is skipped
@@ -181,12 +188,12 @@ def rewrite_requests(
         if replacement is not None:
             if parts is None:
                 parts = []
-            parts.append(view[cursor:start])
+            parts.append(memoryview(buf)[cursor:start])
             parts.append(replacement)
             cursor = stop
     if parts is None:
-        return buf if begin == 0 and end == len(buf) else view[begin:end]
-    parts.append(view[cursor:end])
+        return buf if begin == 0 and end == len(buf) else memoryview(buf)[begin:end]
+    parts.append(memoryview(buf)[cursor:end])
     return b"".join(parts)
 
 

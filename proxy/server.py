@@ -763,6 +763,19 @@ class ServerConnection(asyncio.Protocol):
 
         self.run_query(";".join(statements), applied)
 
+    def reset_settings(self) -> None:
+        """The janitor took this idle server: its settings belong to no connected client
+        any more, so return them to the server's defaults and give the server back."""
+        self.apply_settings(NO_SETTINGS, self._settings_reset)
+
+    def _settings_reset(self, error: ErrorFields | None) -> None:
+        if self.state is ServerState.CLOSED:
+            return
+        if error is not None:
+            self.close(f"resetting session settings failed: {messages.error_summary(error)}")
+            return
+        self.pool.release(self)
+
     def _refuse_transaction(self, client: ClientConnection, fe: FrontendStream) -> None:
         """Statement mode: a statement left a transaction open. Roll it back, say why."""
         if not fe.idle:
@@ -845,10 +858,13 @@ class ServerConnection(asyncio.Protocol):
                     forget_statements(self, None)
                 self.run_query(reset_query, self._after_cleanup_query)
                 return
-        closes = evictions(self, self.registry.config.max_prepared_statements)
-        if closes:
+        limit = self.registry.config.max_prepared_statements
+        prepared = self.prepared
+        if self.stale or (prepared is not None and len(prepared) > limit):
             # Over max_prepared_statements: close the least recently used, now that no
-            # portal of a client can depend on them.
+            # portal of a client can depend on them (and statements whose plans went
+            # stale).
+            closes = evictions(self, limit)
             self.run_messages(closes + messages.SYNC, self._after_cleanup_query)
             return
         self.pool.release(self)

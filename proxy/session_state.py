@@ -47,6 +47,9 @@ LOAD_TAG = b"LOAD"
 # Work whose tag says nothing (SELECT ...): set_config(), session advisory locks,
 # CREATE TEMP TABLE AS / SELECT INTO TEMP. A false hit costs one extra query.
 TEXT_TRIGGER = re.compile(rb"set_config|advisory|\btemp(?:orary)?\b", re.IGNORECASE)
+# A superset of both, for the lowercased text: most queries match neither and pay for
+# one search only (case-sensitive, so the engine can skip to the letters d, s, a, t).
+ANY_TRIGGER = re.compile(rb"d(?:eallocate|iscard)|set_config|advisory|temp")
 
 # One round trip that tells everything: session-level settings, and each kind of
 # state that cannot follow the client to another server.

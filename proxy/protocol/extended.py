@@ -73,10 +73,3 @@ def split_target(body: bytes, what: str) -> tuple[int, bytes]:
 def build_target(type_byte: bytes, kind: int, name: bytes) -> bytes:
     """A Describe ('D') or Close ('C') message for statement/portal ``name``."""
     return _HEADER.pack(type_byte, len(name) + 6) + bytes((kind,)) + name + b"\x00"
-
-
-def query_text(body: bytes) -> bytes:
-    """A Query message's SQL (without its NUL)."""
-    if not body.endswith(b"\x00"):
-        raise ProtocolError("Query is not NUL-terminated")
-    return body[:-1]

@@ -315,6 +315,40 @@ async def test_released_server_has_default_values(pool2: PgmuxProcess) -> None:
         await named.close()
 
 
+async def test_pool_at_rest_has_default_settings(pool2: PgmuxProcess, su: Su) -> None:
+    """Servers keep a connected client's settings between its transactions, so they need
+    no replay; once no connected client has them, the janitor resets the idle servers.
+    Seen from PostgreSQL itself, not through pgmux."""
+
+    async def server_app_names() -> list[str]:
+        rows = await fetch_all(
+            su,
+            "SELECT application_name FROM pg_stat_activity WHERE usename = %s ORDER BY 1",
+            [APP_USER],
+        )
+        return [row[0] for row in rows]
+
+    conns = [
+        await connect_asyncpg(pool2, server_settings={"application_name": f"left_{i}"})
+        for i in range(2)
+    ]
+    try:
+        for conn in conns:
+            await conn.execute("SET work_mem = '7MB'")
+        # Both at once, so each client's settings end up on its own server.
+        await asyncio.gather(*(conn.fetchval("SELECT pg_sleep(0.3)") for conn in conns))
+        await asyncio.sleep(1.5)  # three janitor sweeps: nothing to reset yet
+        assert await server_app_names() == ["left_0", "left_1"]
+    finally:
+        for conn in conns:
+            await conn.close()
+
+    async def reset() -> bool:
+        return await server_app_names() == ["", ""]
+
+    await wait_until(reset, timeout=5, what="idle servers reset to default settings")
+
+
 # -- pinning ------------------------------------------------------------------------------
 
 
