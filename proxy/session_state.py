@@ -109,7 +109,7 @@ _REFUSALS = (
         "a holdable cursor outlives the transaction on one server session",
     ),
     (
-        re.compile(rb"(?:^|;)\s*prepare\b", re.IGNORECASE),
+        re.compile(rb"(?:^|;)\s*prepare\b(?!\s+transaction\b)", re.IGNORECASE),
         "SQL-level PREPARE",
         "the statement would exist on one server session only (protocol-level prepared "
         "statements are fine)",
