@@ -16,6 +16,7 @@ from support.helpers import (
     app_backends,
     connect_asyncpg,
     connect_psycopg,
+    counting_backends,
     fetch_value,
     postgres_error,
     psql_command,
@@ -46,19 +47,6 @@ async def table(pg: PgCluster) -> AsyncIterator[str]:
 async def test_300_clients_on_5_servers(pg: PgCluster, pgmux: PgmuxProcess, table: str) -> None:
     n_clients = 300
     su = await superuser(pg)
-    samples: list[int] = []
-    done = asyncio.Event()
-
-    async def sample() -> None:
-        while not done.is_set():
-            count = await fetch_value(
-                su,
-                "SELECT count(*) FROM pg_stat_activity WHERE usename = %s"
-                " AND backend_type = 'client backend'",
-                [APP_USER],
-            )
-            samples.append(count)
-            await asyncio.sleep(0.01)
 
     async def client(i: int) -> None:
         conn = await connect_asyncpg(pgmux, timeout=60)
@@ -74,15 +62,11 @@ async def test_300_clients_on_5_servers(pg: PgCluster, pgmux: PgmuxProcess, tabl
         finally:
             await conn.close()
 
-    sampler = asyncio.create_task(sample())
     started = time.monotonic()
-    try:
+    async with counting_backends(su) as samples:
         results = await asyncio.gather(
             *(client(i) for i in range(n_clients)), return_exceptions=True
         )
-    finally:
-        done.set()
-        await sampler
     elapsed = time.monotonic() - started
     failures = [r for r in results if isinstance(r, BaseException)]
     assert not failures, f"{len(failures)} of {n_clients} clients failed, first: {failures[0]!r}"

@@ -24,7 +24,7 @@ from support.helpers import (
     connect_asyncpg,
     connect_psycopg,
     connect_raw,
-    fetch_value,
+    counting_backends,
     log_lines,
     tool_env,
 )
@@ -129,19 +129,6 @@ async def test_asyncpg_statement_cache_many_clients(pgmux_factory: PgmuxFactory,
     """100 asyncpg clients with their default statement cache (named statements) x 30
     queries over 6 statements, through 4 servers: every result right, no error."""
     pgmux = pgmux_factory({"default_pool_size": 4})
-    samples: list[int] = []
-    done = asyncio.Event()
-
-    async def sample() -> None:
-        while not done.is_set():
-            count = await fetch_value(
-                su,
-                "SELECT count(*) FROM pg_stat_activity WHERE usename = %s"
-                " AND backend_type = 'client backend'",
-                [APP_USER],
-            )
-            samples.append(count)
-            await asyncio.sleep(0.02)
 
     async def client(i: int) -> int:
         conn = await connect_asyncpg(pgmux, statement_cache_size=100, timeout=60)
@@ -160,13 +147,9 @@ async def test_asyncpg_statement_cache_many_clients(pgmux_factory: PgmuxFactory,
         finally:
             await conn.close()
 
-    sampler = asyncio.create_task(sample())
     started = time.monotonic()
-    try:
+    async with counting_backends(su, interval=0.02) as samples:
         results = await asyncio.gather(*(client(i) for i in range(100)), return_exceptions=True)
-    finally:
-        done.set()
-        await sampler
     elapsed = time.monotonic() - started
     failures = [r for r in results if isinstance(r, BaseException)]
     assert not failures, f"{len(failures)} of 100 clients failed, first: {failures[0]!r}"

@@ -20,7 +20,7 @@ import inspect
 import os
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 import asyncpg
@@ -177,6 +177,34 @@ async def app_locks(su: psycopg.AsyncConnection[TupleRow]) -> list[tuple[Any, ..
 
 
 # -- waiting -----------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def counting_backends(
+    su: psycopg.AsyncConnection[TupleRow], user: str = APP_USER, interval: float = 0.01
+) -> AsyncIterator[list[int]]:
+    """Sample, while the block runs, how many client backends PostgreSQL has for
+    ``user``; the list of counts fills as it goes."""
+    samples: list[int] = []
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        while not done.is_set():
+            count = await fetch_value(
+                su,
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = %s"
+                " AND backend_type = 'client backend'",
+                [user],
+            )
+            samples.append(count)
+            await asyncio.sleep(interval)
+
+    sampler = asyncio.create_task(sample())
+    try:
+        yield samples
+    finally:
+        done.set()
+        await sampler
 
 
 async def wait_until(
