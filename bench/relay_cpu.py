@@ -24,6 +24,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from proxy.client import ClientConnection
+from proxy.auth.scram import ScramClientSession
 from proxy.config import parse_config
 from proxy.pool import ClientState, Registry
 from proxy.protocol import messages
@@ -34,13 +35,19 @@ SQL = "SELECT abalance FROM pgbench_accounts WHERE aid = 4242;"
 
 
 class NullTransport:
-    """Enough of an asyncio.Transport for the relay; write() only counts bytes."""
+    """Enough of an asyncio.Transport for the relay; write() only counts bytes (and
+    keeps the last write, for the login dialogue)."""
 
     def __init__(self) -> None:
         self.written = 0
+        self.last = b""
 
     def write(self, data: Any) -> None:
         self.written += len(data)
+        self.last = data
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
 
     def pause_reading(self) -> None:
         pass
@@ -55,7 +62,7 @@ class NullTransport:
         pass
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
+        return ("127.0.0.1", 40000) if name == "peername" else default
 
 
 def _backend(typ: bytes, body: bytes) -> bytes:
@@ -147,24 +154,78 @@ def run(mode: str, transactions: int, clients: int = 1) -> float:
     return elapsed / transactions
 
 
+def _sasl_data(reply: bytes) -> bytes:
+    """The SCRAM payload of an AuthenticationSASLContinue/Final ('R', code 11/12)."""
+    return bytes(reply[9:])
+
+
+def run_logins(logins: int) -> float:
+    """Seconds per SCRAM login answered by pgmux (startup to ReadyForQuery, then a
+    Terminate), minus the client side's own SCRAM work measured separately."""
+    (client,), _server = build("simple", 1)
+    registry = client.registry
+    registry.clients.discard(client)
+    startup = messages.startup_message({"user": "app", "database": "app"})
+    cache: dict[tuple[bytes, bytes, int], bytes] = {}
+
+    def client_first() -> tuple[ScramClientSession, bytes]:
+        scram = ScramClientSession("secret", salted_password_cache=cache)
+        return scram, messages.sasl_initial_response("SCRAM-SHA-256", scram.client_first())
+
+    def client_final(scram: ScramClientSession, server_first: bytes) -> bytes:
+        return messages.sasl_response(scram.handle_server_first(_sasl_data(server_first)))
+
+    start = time.perf_counter()
+    client_cost = 0.0
+    server_firsts = []
+    for _ in range(logins):
+        transport = NullTransport()
+        conn = ClientConnection(registry)
+        conn.connection_made(transport)  # type: ignore[arg-type]
+        conn.data_received(startup)
+        mark = time.perf_counter()
+        scram, first = client_first()
+        client_cost += time.perf_counter() - mark
+        conn.data_received(first)
+        mark = time.perf_counter()
+        final = client_final(scram, transport.last)
+        client_cost += time.perf_counter() - mark
+        server_firsts.append(transport.last)
+        conn.data_received(final)
+        if conn.state is not ClientState.IDLE:
+            raise RuntimeError(f"login did not complete: {conn.state}")
+        conn.data_received(messages.TERMINATE)
+        conn.connection_lost(None)
+    elapsed = time.perf_counter() - start
+    return (elapsed - client_cost) / logins
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=("simple", "extended", "prepared", "all"), default="all")
+    parser.add_argument(
+        "--mode", choices=("simple", "extended", "prepared", "login", "all"), default="all"
+    )
     parser.add_argument("--transactions", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="cProfile one run")
     args = parser.parse_args()
-    modes = ("simple", "extended", "prepared") if args.mode == "all" else (args.mode,)
+    modes = ("simple", "extended", "prepared", "login") if args.mode == "all" else (args.mode,)
     for mode in modes:
+        count = args.transactions if mode != "login" else args.transactions // 20
+
+        def once(mode: str = mode, count: int = count) -> float:
+            return run_logins(count) if mode == "login" else run(mode, count)
+
         if args.profile:
             profiler = cProfile.Profile()
             profiler.enable()
-            run(mode, args.transactions)
+            once()
             profiler.disable()
-            pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
             continue
-        best = min(run(mode, args.transactions) for _ in range(args.repeat))
-        print(f"{mode:9} {best * 1e6:6.2f} µs Python per transaction (best of {args.repeat})")
+        best = min(once() for _ in range(args.repeat))
+        what = "SCRAM login" if mode == "login" else "transaction"
+        print(f"{mode:9} {best * 1e6:7.2f} µs Python per {what} (best of {args.repeat})")
 
 
 if __name__ == "__main__":

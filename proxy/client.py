@@ -269,12 +269,13 @@ class ClientConnection(asyncio.Protocol):
         if self.registry.shutting_down:
             self.fail(ShuttingDown("pooler is shutting down; reconnect to another instance"))
             return
-        server = cast("ServerConnection | None", self.pool.acquire(self))
+        server: ServerConnection | None = self.pool.acquire(self)  # type: ignore[assignment]
         if server is None:
             self._hold(data)
             return
         link(self, server)
-        self._sync_flow(server)
+        if self.write_paused or server.write_paused:
+            self._sync_flow(server)
         if server.settings is self.settings:
             server.relaying = True
             self._forward(server, data)
@@ -352,7 +353,8 @@ class ClientConnection(asyncio.Protocol):
         if server is None:
             return
         unlink(self, server)
-        self._restore_flow(server)
+        if self.paused or server.paused:
+            self._restore_flow(server)
         if self.pending:
             # Sent while the server was busy with pgmux's own query: a new request.
             self.registry.loop.call_soon(self._resend_pending)
