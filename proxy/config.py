@@ -7,6 +7,7 @@ a default. Every error names the file, the key and what is wrong.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ POOL_MODES = ("session", "transaction", "statement")
 AUTH_TYPES = ("trust", "plain", "md5", "scram-sha-256", "cert", "hba")
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+MAX_WORKERS = 64
 # Virtual databases that reach pgmux's admin console instead of PostgreSQL.
 ADMIN_DATABASES = ("pgbouncer", "pgmux")
 DEFAULT_AUTH_QUERY = (
@@ -92,6 +94,7 @@ class Config:
     listen_addr: str = "127.0.0.1"
     listen_port: int = 6432
     listen_backlog: int = 1024
+    workers: int = 1
     pool_mode: str = "transaction"
     default_pool_size: int = 20
     min_pool_size: int = 0
@@ -167,6 +170,50 @@ class Config:
             return database.min_pool_size
         return self.min_pool_size
 
+    def unix_socket_path(self) -> str:
+        """Where clients find the unix socket (PostgreSQL's name for it), when one is set."""
+        return f"{self.unix_socket_dir}/.s.PGSQL.{self.listen_port}"
+
+
+# -- workers ----------------------------------------------------------------------------
+
+
+def worker_share(total: int, index: int, workers: int, minimum: int = 1) -> int:
+    """Worker ``index``'s part of a limit of ``total`` split between ``workers`` processes.
+
+    The parts differ by at most one and add up to ``total``, except that none is below
+    ``minimum``: pool sizes and max_client_conn get at least 1 per worker, so when such a
+    limit is below ``workers`` the workers together allow more than it says.
+    """
+    share = total // workers + (1 if index < total % workers else 0)
+    return max(share, minimum)
+
+
+def worker_share_warnings(config: Config) -> list[str]:
+    """The limits too small to split between the workers (each worker then gets 1)."""
+    workers = config.workers
+    if workers == 1:
+        return []
+    limits = [("default_pool_size", config.default_pool_size, "server connections per pool")]
+    limits += [
+        (f"databases.{name}.pool_size", db.pool_size, f"server connections to {name}")
+        for name, db in config.databases.items()
+        if db.pool_size is not None
+    ]
+    limits += [
+        (f"users.{name}.pool_size", user.pool_size, f"server connections per pool of {name}")
+        for name, user in config.users.items()
+        if user.pool_size is not None
+    ]
+    limits.append(("max_client_conn", config.max_client_conn, "client connections"))
+    return [
+        f"{key} = {value} is less than workers = {workers}: each worker gets at least 1, "
+        f"so up to {workers} {what} in total instead of {value} (raise {key} to at least "
+        f"{workers} or lower workers)"
+        for key, value, what in limits
+        if value < workers
+    ]
+
 
 # -- loading --------------------------------------------------------------------------
 
@@ -193,6 +240,14 @@ def parse_config(raw: Mapping[str, Any], path: str = "<config>") -> Config:
     values["listen_addr"] = reader.string("listen_addr", defaults.listen_addr, nonempty=True)
     values["listen_port"] = reader.integer("listen_port", defaults.listen_port, 1, 65535)
     values["listen_backlog"] = reader.integer("listen_backlog", defaults.listen_backlog, 1)
+    try:
+        values["workers"] = reader.integer("workers", defaults.workers, 1, MAX_WORKERS)
+    except ConfigError as exc:
+        cores = os.cpu_count() or 1
+        raise ConfigError(
+            f"{exc} (the number of pgmux processes; one per CPU core, {cores} here, is the "
+            "most that helps)"
+        ) from None
     values["pool_mode"] = reader.choice("pool_mode", defaults.pool_mode, POOL_MODES)
     values["default_pool_size"] = reader.integer("default_pool_size", 20, 1)
     values["min_pool_size"] = reader.integer("min_pool_size", 0, 0)

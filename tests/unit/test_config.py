@@ -16,6 +16,8 @@ from proxy.config import (
     UserConfig,
     load_config,
     parse_config,
+    worker_share,
+    worker_share_warnings,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,6 +87,10 @@ def test_overrides_resolve_per_pool() -> None:
         ({"databases": {"app": 5}}, "databases.app: must be a table"),
         ({"users": {"u": {"password": 5}}, **MINIMAL}, "users.u.password: must be a string"),
         ({}, "databases: no [databases.NAME] section"),
+        ({"workers": 0, **MINIMAL}, "workers: must be 1 to 64, got 0 (the number of pgmux"),
+        ({"workers": 65, **MINIMAL}, "workers: must be 1 to 64, got 65"),
+        ({"workers": "two", **MINIMAL}, "workers: must be an integer, got the string 'two'"),
+        ({"workers": 2.0, **MINIMAL}, "workers: must be an integer, got 2.0"),
     ],
 )
 def test_errors_name_the_key(raw: dict[str, object], message: str) -> None:
@@ -101,3 +107,44 @@ def test_file_errors(tmp_path: Path) -> None:
     bad.write_text("listen_port = \n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+def test_workers_default_and_range() -> None:
+    assert parse_config(MINIMAL).workers == 1
+    assert parse_config({"workers": 64, **MINIMAL}).workers == 64
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 4, 7, 64])
+def test_worker_shares_add_up_to_the_limit(workers: int) -> None:
+    for total in range(0, 150):
+        shares = [worker_share(total, i, workers, minimum=0) for i in range(workers)]
+        assert sum(shares) == total
+        assert max(shares) - min(shares) <= 1
+        assert shares == sorted(shares, reverse=True)  # the extra ones go to the first
+        at_least_one = [worker_share(total, i, workers) for i in range(workers)]
+        assert at_least_one == [max(share, 1) for share in shares]
+
+
+def test_worker_share_examples() -> None:
+    assert [worker_share(20, i, 3) for i in range(3)] == [7, 7, 6]
+    assert [worker_share(1, i, 2) for i in range(2)] == [1, 1]  # 2 in total, not 1
+    assert [worker_share(1, i, 2, minimum=0) for i in range(2)] == [1, 0]  # min_pool_size
+
+
+def test_worker_share_warnings_name_the_small_limits() -> None:
+    assert worker_share_warnings(parse_config({"default_pool_size": 1, **MINIMAL})) == []
+    config = parse_config(
+        {
+            "workers": 4,
+            "default_pool_size": 20,
+            "max_client_conn": 3,
+            "databases": {"big": {"pool_size": 8}, "small": {"pool_size": 2}},
+            "users": {"u": {"pool_size": 1}},
+        }
+    )
+    warnings = worker_share_warnings(config)
+    assert len(warnings) == 3
+    assert warnings[0].startswith("databases.small.pool_size = 2 is less than workers = 4")
+    assert "up to 4 server connections to small in total instead of 2" in warnings[0]
+    assert warnings[1].startswith("users.u.pool_size = 1 is less than workers = 4")
+    assert warnings[2].startswith("max_client_conn = 3 is less than workers = 4")
