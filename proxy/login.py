@@ -242,10 +242,17 @@ class Login:
         client.settings = client.startup_settings = _settings_from(params)
         if registry.shutting_down:
             raise ShuttingDown("pooler is shutting down; reconnect to another instance")
-        if len(registry.clients) > config.max_client_conn:
+        limit = registry.max_client_conn
+        if len(registry.clients) > limit:
+            where = ""
+            if config.workers > 1:
+                where = (
+                    f" in this worker (max_client_conn = {config.max_client_conn} is split "
+                    f"between {config.workers} workers)"
+                )
             raise TooManyConnections(
                 f"no more connections allowed (max_client_conn): {len(registry.clients) - 1} "
-                f"of {config.max_client_conn} client connections in use",
+                f"of {limit} client connections in use{where}",
                 hint="raise max_client_conn in the pgmux config, or close idle clients",
             )
         mode = config.client_tls.sslmode

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .config import Config, DatabaseConfig
+from .config import Config, DatabaseConfig, worker_share
 from .errors import ProxyError, QueryWaitTimeout, ServerUnreachable
 from .prepared import StatementNames
 from .users import Credential, SecretCache
@@ -34,6 +34,9 @@ Settings = tuple[tuple[str, str], ...]
 """A client's session settings: sorted ``(lowercase name, value)`` pairs, interned."""
 
 NO_SETTINGS: Settings = ()
+
+# BackendKeyData's process id is an Int32; pgmux's made-up ones are positive.
+PID_LIMIT = 2**31
 
 
 class ServerState(enum.Enum):
@@ -383,9 +386,16 @@ class Registry:
         client_tls: ssl.SSLContext | None = None,
         server_tls: ssl.SSLContext | None = None,
         client_tls_cert_hash: bytes | None = None,
+        worker: int = 0,
+        worker_dir: str = "",
     ) -> None:
         self.config = config
         self.loop = loop
+        # With workers = N: this process's index (0..N-1), and the supervisor's private
+        # directory holding each worker's cancel socket (see cancel.py).
+        self.worker = worker
+        self.worker_dir = worker_dir
+        self.max_client_conn = self.share(config.max_client_conn)
         self.pools: dict[tuple[str, str], Pool] = {}
         self.clients: set[Any] = set()
         self.cancel_keys: dict[int, Any] = {}
@@ -432,8 +442,8 @@ class Registry:
                 user=user,
                 server_user=database.user if database.user is not None else user,
                 pool_mode=config.pool_mode_for(database, user),
-                pool_size=config.pool_size_for(database, user),
-                min_pool_size=config.min_pool_size_for(database),
+                pool_size=self.share(config.pool_size_for(database, user)),
+                min_pool_size=self.share(config.min_pool_size_for(database), minimum=0),
             )
             pool = self.pools[key] = Pool(settings, config, self.open_server)
             if database.user is not None:
@@ -444,12 +454,19 @@ class Registry:
             pool.server_credential = credential  # auth_query secrets can change
         return pool
 
+    def share(self, total: int, minimum: int = 1) -> int:
+        """This worker's part of a configured limit (all of it without workers)."""
+        return worker_share(total, self.worker, self.config.workers, minimum)
+
     def register_cancel_key(self, client: Any) -> tuple[int, int]:
-        """A fresh (pid, key) for a client; pids are unique among live clients."""
+        """A fresh (pid, key) for a client. Pids are random and unique among this
+        worker's live clients, and pid % workers is this worker's index: a CancelRequest
+        can land on any worker, and this is how it finds the one holding the client."""
         keys = self.cancel_keys
+        workers = self.config.workers
         while True:
-            pid = secrets.randbits(31) or 1
-            if pid not in keys:
+            pid = secrets.randbelow(PID_LIMIT // workers) * workers + self.worker
+            if pid and pid not in keys:
                 break
         keys[pid] = client
         return pid, secrets.randbits(32)
