@@ -10,7 +10,6 @@ one first. Errors pgmux makes reach clients only via ``send_error``.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from collections.abc import Sequence
@@ -19,11 +18,10 @@ from typing import Any, cast
 from .config import DatabaseConfig
 from .errors import InvalidParameter, LoginTimeout, ProtocolViolation, ProxyError, ShuttingDown
 from .login import Login
-from .pool import ClientState, Pool, Registry, ServerState, Settings, link, unlink
+from .pool import ClientState, Pool, Registry, Settings, link, unlink
 from .prepared import Statement, copy_batch, rewrite_requests
 from .protocol import codes, messages
 from .protocol.errors import ProtocolError
-from .protocol.startup import CancelRequest
 from .protocol.stream import TRACKED_FRONTEND, FrontendEvent, FrontendStream
 from .server import (
     PAUSE_CLIENT_FULL,
@@ -565,22 +563,6 @@ class ClientConnection(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-
-    # -- cancel ---------------------------------------------------------------------------
-
-    def cancel_request(self, request: CancelRequest) -> None:
-        """A CancelRequest: cancel the target's running query, if it is running one."""
-        self.close()
-        target = self.registry.cancel_keys.get(request.pid)
-        if target is None or not hmac.compare_digest(
-            target.cancel_key.to_bytes(4, "big"), request.key.to_bytes(4, "big")
-        ):
-            log.debug("%s: cancel request with an unknown key ignored", self)
-            return
-        server = target.server
-        if server is not None and server.state is ServerState.ACTIVE:
-            log.info("%s: forwarding cancel request to %s", target, server)
-            server.forward_cancel()
 
     # -- flow control ---------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from .auth import (
     md5_verify,
 )
 from .auth.hba import describe_no_match, describe_reject, match_hba
+from .cancel import route_cancel
 from .config import ADMIN_DATABASES, DatabaseConfig
 from .errors import (
     AuthenticationFailed,
@@ -171,7 +172,8 @@ class Login:
         elif isinstance(packet, GSSENCRequest):
             client.transport.write(b"N")  # no GSSAPI encryption; the client goes on
         elif isinstance(packet, CancelRequest):
-            client.cancel_request(packet)
+            client.close()  # PostgreSQL answers a CancelRequest with nothing
+            route_cancel(client.registry, packet, client)
         else:
             assert isinstance(packet, StartupMessage)
             self._check_startup(packet)
