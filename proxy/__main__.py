@@ -1,4 +1,8 @@
-"""Command line: ``pgmux --config PATH`` runs the proxy; ``--check`` only validates."""
+"""Command line: ``pgmux --config PATH`` runs the proxy; ``--check`` only validates.
+
+With ``workers`` > 1 this process becomes the supervisor (workers.py), which starts
+the workers as ``python -m proxy`` again with the hidden ``--worker...`` arguments.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from . import __version__
 from .app import App
 from .config import ConfigError, load_config
 from .tls import client_facing_context, server_facing_context
+from .workers import WorkerSlot, run_supervisor
 
 log = logging.getLogger("pgmux")
 
@@ -25,6 +30,12 @@ def main(argv: list[str] | None = None) -> int:
         "--check", action="store_true", help="validate the config file and exit (0 = valid)"
     )
     parser.add_argument("--version", action="version", version=f"pgmux {__version__}")
+    # Set by the supervisor when it starts a worker (see workers.py); not for people.
+    parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-count", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-dir", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-control-fd", type=int, default=-1, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-unix-fd", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     try:
@@ -42,14 +53,27 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
 
+    worker: WorkerSlot | None = None
+    tag = ""
+    if args.worker is not None:
+        worker = WorkerSlot(
+            index=args.worker,
+            count=args.worker_count,
+            directory=args.worker_dir,
+            control_fd=args.worker_control_fd,
+            unix_fd=args.worker_unix_fd,
+        )
+        tag = f"[worker {args.worker}] "  # client ids (C-17) are per worker
     logging.basicConfig(
         level=config.log_level.upper(),
-        format="%(asctime)s.%(msecs)03d %(levelname)s %(name)s %(message)s",
+        format=f"%(asctime)s.%(msecs)03d %(levelname)s %(name)s {tag}%(message)s",
         datefmt="%Y-%m-%d %H:%M:%S",
         stream=sys.stderr,
     )
-    app = App(config)
     try:
+        if worker is None and config.workers > 1:
+            return run_supervisor(config, args.config)
+        app = App(config, worker)
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(app.run())
     except OSError as exc:

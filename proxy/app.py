@@ -3,20 +3,24 @@
 Lifecycle as in uvicorn: ``startup`` opens the listeners, ``main_loop`` waits for a
 signal, ``shutdown`` stops accepting, closes idle clients, lets transactions in
 flight finish up to shutdown_timeout, then closes everything. A second signal makes
-the shutdown immediate.
+the shutdown immediate. With ``workers`` > 1 each worker process runs one App
+(``WorkerSlot`` says which) under the supervisor in workers.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
+import socket
 import time
 
 from .admin import AdminSession
 from .auth_query import AuthQuery
+from .cancel import CancelListener, worker_socket_path
 from .client import ClientConnection
 from .config import Config
 from .errors import ShuttingDown
@@ -24,15 +28,24 @@ from .janitor import run_janitor
 from .pool import ClientState, Registry
 from .server import open_server
 from .tls import channel_binding_hash, client_facing_context, server_facing_context
+from .workers import SupervisorLink, WorkerSlot
 
 log = logging.getLogger("pgmux")
 
 
 class App:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, worker: WorkerSlot | None = None) -> None:
+        if worker is not None:
+            # The supervisor's count rules: pids and shares must agree between workers
+            # even if the file was edited before this worker was (re)started.
+            config = dataclasses.replace(config, workers=worker.count)
         self.config = config
+        self.worker = worker
         self.registry: Registry | None = None
         self.listeners: list[asyncio.Server] = []
+        self.cancel_listener: asyncio.Server | None = None
+        self.link: SupervisorLink | None = None
+        self._orphaned = False  # the supervisor died (it cannot clean up after us)
         self._stop = asyncio.Event()
         self._force = False
         self._janitor: asyncio.Task[None] | None = None
@@ -47,19 +60,38 @@ class App:
     async def startup(self) -> None:
         loop = asyncio.get_running_loop()
         config = self.config
+        worker = self.worker
         registry = self.registry = Registry(
             config,
             loop,
             client_tls=client_facing_context(config),
             server_tls=server_facing_context(config),
             client_tls_cert_hash=channel_binding_hash(config),
+            worker=worker.index if worker is not None else 0,
+            worker_dir=worker.directory if worker is not None else "",
         )
         registry.open_server = lambda pool: open_server(registry, pool)
         registry.open_admin = AdminSession
         registry.auth_query = AuthQuery(registry)
+        if worker is not None:
+            # Before any client can get a key: CancelRequests passed on by other workers.
+            path = worker_socket_path(worker.directory, worker.index)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # this worker's predecessor, if it died
+            self.cancel_listener = await loop.create_unix_server(
+                lambda: CancelListener(registry), path, backlog=config.listen_backlog
+            )
         # The unix socket first: once the TCP port answers, everything is ready.
-        if config.unix_socket_dir:
-            path = f"{config.unix_socket_dir}/.s.PGSQL.{config.listen_port}"
+        if worker is not None and worker.unix_fd is not None:
+            # Bound once by the supervisor and shared by all workers (see workers.py).
+            listener = await loop.create_unix_server(
+                lambda: ClientConnection(registry),
+                sock=socket.socket(fileno=worker.unix_fd),
+                backlog=config.listen_backlog,
+            )
+            self.listeners.append(listener)
+        elif config.unix_socket_dir:
+            path = config.unix_socket_path()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)  # left behind by a previous run that was killed
             listener = await loop.create_unix_server(
@@ -76,6 +108,8 @@ class App:
                 config.listen_port,
                 backlog=config.listen_backlog,
                 reuse_address=True,
+                # Every worker binds the port itself; the kernel spreads connections.
+                reuse_port=config.workers > 1,
             )
             self.listeners.append(listener)
         addresses = ", ".join(
@@ -91,6 +125,18 @@ class App:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, self._on_signal, sig)
+        if worker is not None:
+            link = self.link = SupervisorLink(self._supervisor_gone)
+            await loop.connect_accepted_socket(
+                lambda: link, socket.socket(fileno=worker.control_fd)
+            )
+            link.ready()
+
+    def _supervisor_gone(self) -> None:
+        if not self._stop.is_set():
+            log.warning("the supervisor is gone: shutting down")
+        self._orphaned = True
+        self._stop.set()
 
     def _on_signal(self, sig: int) -> None:
         if self._stop.is_set():
@@ -136,6 +182,16 @@ class App:
         for listener in self.listeners:
             await listener.wait_closed()
         await asyncio.sleep(0)  # let the transports flush their goodbyes
+        if self.cancel_listener is not None and self.worker is not None:
+            # Kept open until now: clients finishing their transaction could be cancelled.
+            self.cancel_listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(worker_socket_path(self.worker.directory, self.worker.index))
+            if self._orphaned:
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.worker.directory)  # the last worker out succeeds
+        if self.link is not None:
+            self.link.close()
         log.info("pgmux stopped")
 
 
