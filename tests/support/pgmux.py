@@ -4,6 +4,8 @@
 - ``deep_merge(base, overrides)``: a test's changes on top of it (``None`` deletes a key).
 - ``to_toml(data)``: a small TOML writer for those dicts (no third-party dependency).
 - ``PgmuxProcess``: ``python -m proxy --config FILE`` started, waited for, signalled, stopped.
+  With ``workers`` > 1 that process is a supervisor: ``start`` also waits until every
+  worker is ready, ``worker_pids()`` finds them, and ``stop``/``kill`` leave none behind.
 - ``run_check(config, workdir)``: ``python -m proxy --config FILE --check``.
 """
 
@@ -14,6 +16,7 @@ import copy
 import math
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -214,6 +217,7 @@ class PgmuxProcess:
         self.log_path = log_path
         self.host = _connect_host(str(config.get("listen_addr", "127.0.0.1")))
         self.port = int(config["listen_port"])
+        self.workers = int(config.get("workers", 1))
 
     @classmethod
     def start(
@@ -251,6 +255,8 @@ class PgmuxProcess:
         pgmux = cls(proc, config, config_path, log_path)
         try:
             pgmux._wait_listening(timeout)
+            if pgmux.workers > 1:
+                pgmux._wait_workers_ready(timeout)
         except BaseException:
             pgmux.kill()
             raise
@@ -278,6 +284,13 @@ class PgmuxProcess:
                 )
             time.sleep(0.05)
 
+    def _wait_workers_ready(self, timeout: float) -> None:
+        # The port answers once one worker listens; the supervisor says when all do.
+        try:
+            self.wait_for_log(f"all {self.workers} workers ready", timeout)
+        except (TimeoutError, PgmuxError) as exc:
+            raise PgmuxStartError(str(exc)) from None
+
     # -- inspection --------------------------------------------------------------------
 
     @property
@@ -287,6 +300,30 @@ class PgmuxProcess:
     @property
     def running(self) -> bool:
         return self.proc.poll() is None
+
+    def processes(self) -> dict[int, str]:
+        """pid -> command line of every live process (zombies aside) started with this
+        pgmux's config file: the supervisor and its workers, or the one process. ``ps``
+        sees them even after their parent died, which ``/proc/PID/children`` would not."""
+        out = subprocess.run(
+            ["ps", "-ww", "-eo", "pid=,stat=,args="], capture_output=True, text=True, check=True
+        ).stdout
+        marker = f"--config {self.config_path}"
+        found = {}
+        for line in out.splitlines():
+            parts = line.split(None, 2)
+            if len(parts) == 3 and marker in parts[2] and not parts[1].startswith("Z"):
+                found[int(parts[0])] = parts[2]
+        return found
+
+    def worker_pids(self) -> dict[int, int]:
+        """Worker index -> pid of the live workers (from their ``--worker I`` argument)."""
+        workers = {}
+        for pid, args in self.processes().items():
+            match = re.search(r" --worker (\d+) ", args)
+            if match:
+                workers[int(match.group(1))] = pid
+        return workers
 
     def log(self) -> str:
         """Everything pgmux has written to stdout and stderr so far."""
@@ -375,7 +412,10 @@ class PgmuxProcess:
         self.proc.send_signal(sig)
 
     def stop(self, timeout: float = 10) -> int:
-        """SIGTERM, wait up to ``timeout`` s, then SIGKILL; the exit code. Idempotent."""
+        """SIGTERM, wait up to ``timeout`` s, then SIGKILL; the exit code. Idempotent.
+
+        With workers, the supervisor waits for them; any still alive after it (it was
+        killed, or they hang) are waited for and then killed too."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -383,14 +423,27 @@ class PgmuxProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.workers > 1:
+            self._reap_workers(timeout)
         return self.proc.returncode
 
     def kill(self) -> int:
-        """SIGKILL and reap; the exit code (-9 unless it had already exited)."""
+        """SIGKILL and reap; the exit code (-9 unless it had already exited). With
+        workers, they are killed too (after the supervisor, so none is restarted)."""
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        if self.workers > 1:
+            self._reap_workers(0)
         return self.proc.returncode
+
+    def _reap_workers(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.processes() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in self.processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def __enter__(self) -> PgmuxProcess:
         return self
