@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -48,7 +48,8 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from support.pgcluster import APP_DB, APP_USER, PgCluster, find_client_tool  # noqa: E402
 
-from bench.procstat import proc_tree_cpu_seconds  # noqa: E402
+from bench.chart import write_chart  # noqa: E402
+from bench.procstat import raise_fd_limit  # noqa: E402
 from bench.report import RunResult, aggregate, render  # noqa: E402
 from bench.targets import (  # noqa: E402
     HOST,
@@ -62,50 +63,14 @@ from bench.targets import (  # noqa: E402
     pgbouncer_binary,
     run_text,
     short,
-    summarize_error,
     tail,
 )
+from bench.workloads import SCENARIOS, Bench, Kind, Scenario, clients_for  # noqa: E402
 
 if TYPE_CHECKING:
     from support.certs import CertFiles
 
 ALL_TARGETS = ("direct", "pgmux", "pgbouncer")
-
-
-@dataclass(frozen=True)
-class Scenario:
-    """One pgbench workload; ``args`` are the workload flags (clients/jobs added later)."""
-
-    name: str
-    args: tuple[str, ...]
-    description: str
-    connect_per_tx: bool = False
-    sslmode: str = "disable"  # the client's PGSSLMODE
-
-    @property
-    def tls(self) -> bool:
-        return self.sslmode != "disable"
-
-
-SCENARIOS: dict[str, Scenario] = {
-    s.name: s
-    for s in (
-        Scenario("select-simple", ("-S", "-M", "simple"),
-                 "pgbench -S, simple query protocol (one Query message per statement)"),
-        Scenario("select-extended", ("-S", "-M", "extended"),
-                 "pgbench -S, extended protocol with unnamed statements (Parse/Bind/Execute)"),
-        Scenario("select-prepared", ("-S", "-M", "prepared"),
-                 "pgbench -S, named prepared statements (Parse once per connection, then "
-                 "Bind/Execute)"),
-        Scenario("connect", ("-S", "-C"),
-                 "pgbench -S -C: a new connection (SCRAM login) for every transaction",
-                 connect_per_tx=True),
-        Scenario("connect-tls", ("-S", "-C"),
-                 "pgbench -S -C with PGSSLMODE=require: a new TLS connection (TLS handshake "
-                 "+ SCRAM login) for every transaction",
-                 connect_per_tx=True, sslmode="require"),
-    )
-}  # fmt: skip
 
 
 # -- small helpers ---------------------------------------------------------------------
@@ -117,115 +82,6 @@ class Interrupted(KeyboardInterrupt):
 
 def _on_signal(signum: int, _frame: FrameType | None) -> None:
     raise Interrupted(f"received {signal.Signals(signum).name}")
-
-
-# -- pgbench ---------------------------------------------------------------------------
-
-
-_FLOAT = r"([0-9]+(?:\.[0-9]+)?)"
-
-
-def parse_pgbench(stdout: str, result: RunResult) -> None:
-    """Fill the summary fields of ``result`` from pgbench's final report."""
-
-    def grab(pattern: str) -> str | None:
-        m = re.search(pattern, stdout, re.MULTILINE)
-        return m.group(1) if m else None
-
-    tps = grab(rf"^tps = {_FLOAT} \((?:without initial connection time|including reconnection)")
-    tps = tps or grab(rf"^tps = {_FLOAT}")
-    values: dict[str, str | None] = {
-        "tps": tps,
-        "latency_ms": grab(rf"^latency average = {_FLOAT} ms"),
-        "latency_stddev_ms": grab(rf"^latency stddev = {_FLOAT} ms"),
-        "initial_connection_ms": grab(rf"^initial connection time = {_FLOAT} ms"),
-        "average_connection_ms": grab(rf"^average connection time = {_FLOAT} ms"),
-    }
-    for key, value in values.items():
-        if value is not None:
-            setattr(result, key, float(value))
-    tx = grab(r"^number of transactions actually processed: ([0-9]+)")
-    failed = grab(r"^number of failed transactions: ([0-9]+)")
-    result.transactions = int(tx) if tx is not None else None
-    result.failed_transactions = int(failed) if failed is not None else None
-
-
-@dataclass
-class Bench:
-    args: argparse.Namespace
-    cluster: PgCluster
-    out: Path
-    pgbench: str = field(default_factory=lambda: find_client_tool("pgbench"))
-
-    def pgbench_args(self, scenario: Scenario, port: int, duration: int) -> list[str]:
-        clients = self.args.connect_clients if scenario.connect_per_tx else self.args.clients
-        jobs = min(self.args.jobs, clients)
-        return [self.pgbench, "-n", *scenario.args, "-c", str(clients), "-j", str(jobs),
-                "-T", str(duration), "-h", HOST, "-p", str(port), "-U", APP_USER,
-                APP_DB]  # fmt: skip
-
-    def postmaster_pid(self) -> int | None:
-        try:
-            return int((self.cluster.datadir / "postmaster.pid").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def run(self, target: Target, scenario: Scenario, rnd: int, position: int,
-            duration: int, log_name: str) -> RunResult:  # fmt: skip
-        cmd = self.pgbench_args(scenario, target.port, duration)
-        result = RunResult(rnd, scenario.name, target.name, position, cmd, scenario.sslmode)
-        pg_pid = self.postmaster_pid()
-        proxy0 = target.cpu_seconds()
-        pg0 = proc_tree_cpu_seconds(pg_pid) if pg_pid else None
-        started = time.monotonic()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True,
-                                  env=client_env(scenario.sslmode),
-                                  timeout=duration * 3 + 60)  # fmt: skip
-            stdout, stderr, code = proc.stdout, proc.stderr, proc.returncode
-        except subprocess.TimeoutExpired as exc:
-            stdout = _decode(exc.stdout)
-            stderr = _decode(exc.stderr) + f"\npgbench killed after {exc.timeout:.0f}s timeout"
-            code = None
-            result.error = f"timeout: pgbench hung for {exc.timeout:.0f}s"
-        result.wall_seconds = round(time.monotonic() - started, 3)
-        proxy1 = target.cpu_seconds()
-        pg1 = proc_tree_cpu_seconds(pg_pid) if pg_pid else None
-        (self.out / "logs" / log_name).write_text(
-            f"$ PGSSLMODE={scenario.sslmode} {' '.join(cmd)}\nexit code: {code}\n"
-            f"--- stdout\n{stdout}\n--- stderr\n{stderr}\n"
-        )
-        result.exit_code = code
-        result.stdout_tail, result.stderr_tail = tail(stdout), tail(stderr)
-        parse_pgbench(stdout, result)
-        if code == 0 and result.tps is not None:
-            result.ok = True
-        elif result.error is None:
-            result.error = summarize_error(stderr, "" if code == 0 else stdout)
-            if code == 0:
-                result.error = "no tps in pgbench output"
-        tx = result.transactions or 0
-        if proxy0 is not None and proxy1 is not None:
-            result.proxy_cpu_seconds = round(proxy1 - proxy0, 3)
-            if tx:
-                result.proxy_cpu_us_per_tx = round(result.proxy_cpu_seconds / tx * 1e6, 2)
-        if pg0 is not None and pg1 is not None:
-            result.postgres_cpu_seconds = round(pg1 - pg0, 3)
-            if tx:
-                result.postgres_cpu_us_per_tx = round(result.postgres_cpu_seconds / tx * 1e6, 2)
-        exit_status = target.exit_status()
-        if exit_status is not None:
-            result.ok = False
-            died = f"{target.name} exited with code {exit_status} during the run"
-            result.error = f"{died}; pgbench: {result.error}" if result.error else died
-            result.stderr_tail += f"\n--- {target.name} log tail\n{target.log_tail()}"
-        return result
-
-
-def _decode(data: bytes | str | None) -> str:
-    if data is None:
-        return ""
-    return data if isinstance(data, str) else data.decode(errors="replace")
 
 
 # -- machine info ----------------------------------------------------------------------
@@ -293,19 +149,56 @@ def make_bench_certs() -> CertFiles:
         raise
 
 
+# Defaults of the flags --quick changes: (full run, --quick). Flags given explicitly win.
+RUN_SIZE = {
+    "duration": (10, 3),
+    "rounds": (3, 1),
+    "warmup": (2, 1),
+    "idle_clients": (10000, 500),
+    "copy_rows": (10_000_000, 1_000_000),
+}
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="bench/run.py",
-        description="pgbench side by side: PostgreSQL direct vs pgmux vs PgBouncer.",
+        description="pgmux side by side with PostgreSQL direct and PgBouncer: pgbench "
+        "throughput and latency, idle clients' memory, COPY throughput.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--duration", type=int, default=10, help="seconds per pgbench run")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+
+    def sized(name: str) -> str:
+        full, quick = RUN_SIZE[name]
+        return f"(default: {full:,}; with --quick: {quick:,})"
+
+    p.add_argument("--duration", type=int, default=None,
+                   help=f"seconds per pgbench run {sized('duration')}")  # fmt: skip
+    p.add_argument("--rounds", type=int, default=None,
+                   help=f"interleaved rounds {sized('rounds')}")  # fmt: skip
     p.add_argument("--pool-size", type=int, default=20, help="server pool size (both poolers)")
-    p.add_argument("--clients", type=int, default=50, help="pgbench -c (select scenarios)")
+    p.add_argument("--clients", type=int, default=50,
+                   help="pgbench -c for select-simple/-extended/-prepared and tpcb")  # fmt: skip
     p.add_argument("--connect-clients", type=int, default=20,
                    help="pgbench -c for 'connect' and 'connect-tls'")  # fmt: skip
     p.add_argument("--jobs", type=int, default=2, help="pgbench -j")
+    p.add_argument("--rate", type=int, default=2000,
+                   help="pgbench -R (transactions per second) of the latency scenario")  # fmt: skip
+    p.add_argument("--rate-clients", type=int, default=10,
+                   help="pgbench -c of the latency scenario")  # fmt: skip
+    p.add_argument("--tx-log-sampling", type=float, default=0.1,
+                   help="share of transactions pgbench logs for the p50/p99 of the throughput "
+                        "scenarios (connect and latency scenarios log all)")  # fmt: skip
+    p.add_argument("--keep-tx-logs", action="store_true",
+                   help="keep pgbench's per-transaction logs in OUT/txlogs/")  # fmt: skip
+    p.add_argument(
+        "--idle-clients",
+        type=int,
+        default=None,
+        help=f"clients of the idle-clients scenario {sized('idle_clients')}",
+    )
+    p.add_argument("--copy-rows", type=int, default=None,
+                   help=f"rows of the copy-out scenario, ~109 bytes each "
+                        f"{sized('copy_rows')}")  # fmt: skip
     p.add_argument(
         "--targets",
         default=None,
@@ -315,12 +208,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help=f"comma list of {','.join(SCENARIOS)} (default: all; connect-tls only "
                         "when the cryptography package can make its certificates)")  # fmt: skip
     p.add_argument("--scale", type=int, default=10, help="pgbench -i scale factor")
-    p.add_argument(
-        "--warmup",
-        type=int,
-        default=2,
-        help="seconds of unrecorded select-simple per target before round 1 (0: none)",
-    )
+    p.add_argument("--warmup", type=int, default=None,
+                   help="seconds of unrecorded select-simple per target before round 1 (0: none) "
+                        f"{sized('warmup')}")  # fmt: skip
     p.add_argument(
         "--pgbouncer-auth",
         choices=("scram", "plain"),
@@ -330,12 +220,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--out", type=Path, default=None, help="result dir (default: bench/results/<timestamp>/)"
     )
-    p.add_argument(
-        "--quick", action="store_true", help="smoke run: --duration 3 --rounds 1 --warmup 1"
-    )
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run of every scenario: 1 round of 3 s, 500 idle clients, 1M COPY "
+                        "rows (explicit flags win)")  # fmt: skip
     args = p.parse_args(argv)
-    if args.quick:
-        args.duration, args.rounds, args.warmup = 3, 1, 1
+    for name, (full, quick) in RUN_SIZE.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
     bouncer = pgbouncer_binary()
     if args.targets is None:
         args.targets = [t for t in ALL_TARGETS if t != "pgbouncer" or bouncer]
@@ -363,8 +254,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if not args.targets or not args.scenarios:
         p.error("need at least one target and one scenario")
     if min(args.duration, args.rounds, args.pool_size, args.clients, args.jobs,
-           args.connect_clients, args.scale) < 1:  # fmt: skip
+           args.connect_clients, args.scale, args.rate, args.rate_clients, args.idle_clients,
+           args.copy_rows) < 1:  # fmt: skip
         p.error("numeric options must be >= 1")
+    if args.warmup < 0 or not 0 < args.tx_log_sampling <= 1:
+        p.error("--warmup must be >= 0 and --tx-log-sampling in (0, 1]")
     args.pgbouncer = bouncer
     return args
 
@@ -418,6 +312,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["params"]["scenario_descriptions"] = {s: SCENARIOS[s].description
                                                  for s in args.scenarios}  # fmt: skip
     report["params"]["scenario_sslmode"] = {s: SCENARIOS[s].sslmode for s in args.scenarios}
+    report["params"]["scenario_kinds"] = {s: str(SCENARIOS[s].kind) for s in args.scenarios}
+    report["params"]["scenario_clients"] = {s: clients_for(SCENARIOS[s], args)
+                                            for s in args.scenarios}  # fmt: skip
     for name, why in args.skipped_scenarios.items():
         log(f"skipping scenario {name}: {why}")
 
@@ -428,6 +325,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         cells = aggregate(runs)
         report["summary"] = {f"{s}/{t}": c.summary() for (s, t), c in cells.items()}
         (out / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+    # One descriptor per client connection, in pgbench, in the idle client and in the
+    # poolers (our children inherit the limit); PostgreSQL uses max_files_per_process.
+    idle = any(SCENARIOS[s].kind is Kind.IDLE for s in args.scenarios)
+    wanted = max([clients_for(SCENARIOS[s], args) for s in args.scenarios] + [0]) * 2 + 1024
+    report["params"]["fd_limit"] = raise_fd_limit(wanted)
+    if report["params"]["fd_limit"] < wanted:
+        log(f"file descriptor limit {report['params']['fd_limit']} < {wanted} wanted: "
+            "the runs with most clients may fail")  # fmt: skip
+    max_client_conn = max(10000, args.idle_clients + 100 if idle else 0)
 
     cleanups: list[Callable[[], None]] = []
     cluster: PgCluster | None = None
@@ -442,7 +349,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cleanups.append(lambda: shutil.rmtree(cert_dir, ignore_errors=True))
                 report["params"]["tls_certs"] = str(cert_dir)
                 log(f"certificates for {', '.join(tls_scenarios)} in {cert_dir}")
-            max_conn = max(300, args.clients + args.connect_clients + 50)
+            # Every pgbench client direct is a backend; both poolers hold their pools too.
+            direct_clients = [clients_for(SCENARIOS[s], args) for s in args.scenarios
+                              if SCENARIOS[s].applies_to("direct")]  # fmt: skip
+            max_conn = max(300, max(direct_clients, default=0) + 2 * args.pool_size + 50)
             log(f"starting PostgreSQL (max_connections={max_conn}"
                 f"{', ssl=on' if certs else ''})")  # fmt: skip
             cluster = PgCluster.create({"max_connections": str(max_conn)}, tls=certs)
@@ -464,10 +374,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if name == "direct":
                     target = DirectTarget(cluster, out, args.pool_size, certs)
                 elif name == "pgmux":
-                    target = PgmuxTarget(cluster, out, args.pool_size, certs)
+                    target = PgmuxTarget(cluster, out, args.pool_size, certs, max_client_conn)
                 else:
                     bouncer = PgbouncerTarget(cluster, out, args.pool_size, args.pgbouncer,
-                                              args.pgbouncer_auth, certs)  # fmt: skip
+                                              args.pgbouncer_auth, certs,
+                                              max_client_conn)  # fmt: skip
                     target = bouncer
                     cleanups.append(bouncer.destroy)
                 targets.append(target)
@@ -504,7 +415,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             save()
 
             live = [t for t in targets if t.start_error is None]
-            total = args.rounds * len(args.scenarios) * len(live)
+            total = args.rounds * sum(SCENARIOS[s].applies_to(t.name) for s in args.scenarios
+                                      for t in live)  # fmt: skip
             n = 0
             for rnd in range(1, args.rounds + 1):
                 shift = (rnd - 1) % len(live) if live else 0
@@ -512,14 +424,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for scen_name in args.scenarios:
                     scenario = SCENARIOS[scen_name]
                     for pos, target in enumerate(order):
+                        if not scenario.applies_to(target.name):
+                            continue
                         n += 1
                         result = run_one(bench, target, scenario, rnd, pos, args.duration)
                         runs.append(result)
                         save()
-                        what = (f"{result.tps:,.0f} tps, {result.latency_ms} ms"
-                                if result.ok and result.tps is not None
-                                else f"FAIL ({short(result.error or '', 100)})")  # fmt: skip
-                        log(f"[{n}/{total}] round {rnd} {scen_name:<16} {target.name:<9} {what}")
+                        log(f"[{n}/{total}] round {rnd} {scen_name:<19} {target.name:<9} "
+                            f"{describe_run(result)}")  # fmt: skip
         except KeyboardInterrupt as exc:
             report["interrupted"] = str(exc) or "SIGINT"
             log(f"interrupted ({report['interrupted']}); cleaning up")
@@ -536,6 +448,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     except Exception as exc:  # keep cleaning up the rest
                         log(f"cleanup error: {type(exc).__name__}: {exc}")
                 report["finished_at"] = dt.datetime.now().astimezone().isoformat(timespec="seconds")
+                if cluster is not None and report["machine"] and runs:
+                    skipped = write_chart(out / "chart.png", report["params"], aggregate(runs),
+                                          [t.name for t in targets])  # fmt: skip
+                    report["chart"] = skipped or "chart.png"
+                    log(f"chart: {skipped or out / 'chart.png'}")
                 save()
                 if cluster is not None and report["machine"]:
                     text = render(report, runs, targets)
@@ -543,6 +460,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(text, flush=True)
                 log(f"wrote {out / 'results.md'} and {out / 'results.json'}")
     return exit_code
+
+
+def describe_run(r: RunResult) -> str:
+    """One progress line's worth of a run."""
+    if not r.ok:
+        return f"FAIL ({short(r.error or '', 100)})"
+    if r.kind == Kind.COPY:
+        return f"{r.copy_mb_per_s:,.0f} MB/s ({r.copy_bytes or 0:,} bytes in {r.copy_seconds} s)"
+    if r.kind == Kind.IDLE:
+        return (f"{r.idle_connected} clients: RSS {(r.rss_before_kib or 0) / 1024:,.1f} -> "
+                f"{(r.rss_with_clients_kib or 0) / 1024:,.1f} MiB, {r.rss_per_client_kib} "
+                f"KiB/client; login {r.login_seconds} s")  # fmt: skip
+    return (f"{r.tps or 0:,.0f} tps, avg {r.latency_ms} ms, p50 {r.latency_p50_ms} ms, "
+            f"p99 {r.latency_p99_ms} ms")  # fmt: skip
 
 
 def run_one(bench: Bench, target: Target, scenario: Scenario, rnd: int, pos: int,
@@ -557,8 +488,8 @@ def run_one(bench: Bench, target: Target, scenario: Scenario, rnd: int, pos: int
             target.stop()
             target.start()
         except (TargetError, OSError) as exc:
-            cmd = bench.pgbench_args(scenario, target.port, duration)
-            return RunResult(rnd, scenario.name, target.name, pos, cmd, scenario.sslmode, ok=False,
+            return RunResult(rnd, scenario.name, target.name, pos, [], scenario.sslmode,
+                             kind=str(scenario.kind), ok=False,
                              error=f"{target.name} restart failed: {exc}", notes=notes,
                              stderr_tail=target.log_tail())  # fmt: skip
     log_name = f"r{rnd}-{scenario.name}-{target.name}.log"

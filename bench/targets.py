@@ -123,10 +123,12 @@ class Target:
     name = "?"
 
     def __init__(self, cluster: PgCluster, out: Path, pool_size: int,
-                 certs: CertFiles | None = None) -> None:  # fmt: skip
+                 certs: CertFiles | None = None,
+                 max_client_conn: int = 10000) -> None:  # fmt: skip
         self.cluster = cluster
         self.out = out
         self.pool_size = pool_size
+        self.max_client_conn = max_client_conn  # poolers: enough for the idle-clients scenario
         self.certs = certs  # set: accept TLS clients with certs.server_cert / server_key
         self.port = cluster.port
         self.start_error: str | None = None
@@ -153,7 +155,8 @@ class Target:
         return proc_tree_cpu_seconds(pid) if pid else None
 
     def info(self) -> dict[str, Any]:
-        return {"port": self.port, "start_error": self.start_error, "events": self.events}
+        return {"port": self.port, "start_error": self.start_error, "events": self.events,
+                "max_client_conn": self.max_client_conn}  # fmt: skip
 
     def smoke(self, sslmode: str = "disable") -> None:
         """A real login + query, so a target that only accepts TCP counts as not started.
@@ -186,8 +189,9 @@ class ProcessTarget(Target):
     start_timeout = 30.0
 
     def __init__(self, cluster: PgCluster, out: Path, pool_size: int,
-                 certs: CertFiles | None = None) -> None:  # fmt: skip
-        super().__init__(cluster, out, pool_size, certs)
+                 certs: CertFiles | None = None,
+                 max_client_conn: int = 10000) -> None:  # fmt: skip
+        super().__init__(cluster, out, pool_size, certs, max_client_conn)
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = free_port()
 
@@ -313,7 +317,7 @@ class PgmuxTarget(ProcessTarget):
             f"listen_port = {self.port}\n"
             'pool_mode = "transaction"\n'
             f"default_pool_size = {self.pool_size}\n"
-            "max_client_conn = 10000\n"
+            f"max_client_conn = {self.max_client_conn}\n"
             "query_wait_timeout = 120\n"
             'auth_type = "scram-sha-256"\n'
             'admin_users = ["admin"]\n'
@@ -368,8 +372,9 @@ class PgbouncerTarget(ProcessTarget):
     name = "pgbouncer"
 
     def __init__(self, cluster: PgCluster, out: Path, pool_size: int, binary: str,
-                 auth: str, certs: CertFiles | None = None) -> None:  # fmt: skip
-        super().__init__(cluster, out, pool_size, certs)
+                 auth: str, certs: CertFiles | None = None,
+                 max_client_conn: int = 10000) -> None:  # fmt: skip
+        super().__init__(cluster, out, pool_size, certs, max_client_conn)
         self.binary = binary
         self.auth = auth
         self.version, self.version_tuple = pgbouncer_version(binary)
@@ -437,7 +442,7 @@ class PgbouncerTarget(ProcessTarget):
             f"default_pool_size = {self.pool_size}\n"
             "min_pool_size = 0\n"
             "reserve_pool_size = 0\n"
-            "max_client_conn = 10000\n"
+            f"max_client_conn = {self.max_client_conn}\n"
             "max_db_connections = 0\n"
             "query_wait_timeout = 120\n"
             "ignore_startup_parameters = extra_float_digits\n"
