@@ -353,8 +353,9 @@ def render(report: dict[str, Any], runs: list[RunResult], targets: list[Target])
             "",
             f"{params.get('idle_clients'):,} clients log in (SCRAM) and stay idle; the "
             "pooler's resident memory (VmRSS of its process tree) before and with them. "
-            "KiB/client = (with - before) / clients. PSS splits pages shared between "
-            "forked processes. Not run against PostgreSQL direct.",
+            "KiB/client = (with - before) / clients; PSS splits pages shared between "
+            "processes. Each run starts from a freshly restarted pooler (one smoke login); "
+            "not run against PostgreSQL direct.",
             "",
         ]
         header = [

@@ -25,7 +25,16 @@ from support.pgcluster import APP_DB, APP_USER, PgCluster, find_client_tool
 
 from bench.procstat import proc_tree_cpu_seconds
 from bench.report import RunResult
-from bench.targets import HOST, REPO, Target, client_env, summarize_error, tail
+from bench.targets import (
+    HOST,
+    REPO,
+    ProcessTarget,
+    Target,
+    TargetError,
+    client_env,
+    summarize_error,
+    tail,
+)
 
 
 class Kind(enum.StrEnum):
@@ -264,6 +273,17 @@ class Bench:
         result = RunResult(
             rnd, scenario.name, target.name, position, [], scenario.sslmode, kind=str(scenario.kind)
         )
+        if scenario.kind is Kind.IDLE and isinstance(target, ProcessTarget):
+            # A pooler keeps the memory of an earlier crowd of clients (PgBouncer its slab
+            # caches, Python its arenas), so a later round would measure ~0 KiB per client:
+            # each idle-clients run starts from a freshly started, logged-into pooler.
+            try:
+                target.stop()
+                target.start()
+                target.smoke()
+            except (TargetError, OSError) as exc:
+                result.error = f"restart before the idle clients failed: {exc}"
+                return result
         pg_pid = self.postmaster_pid()
         proxy0 = target.cpu_seconds()
         pg0 = proc_tree_cpu_seconds(pg_pid) if pg_pid else None
