@@ -288,36 +288,33 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="bench/idle_clients.py",
         description="Hold N logged-in idle connections to a PostgreSQL server or pooler and "
         "report the pooler's memory per client.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("-n", "--clients", type=int, default=10000, help="connections to open")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--user", default="app")
-    p.add_argument("--password", default=None, help="default: $PGPASSWORD, else 'secret'")
-    p.add_argument("--dbname", default="app")
+    d = " (default: %(default)s)"
+    p.add_argument("-n", "--clients", type=int, default=10000, help="connections to open" + d)
+    p.add_argument("--host", default="127.0.0.1", help="pooler (or server) address" + d)
+    p.add_argument("--port", type=int, required=True, help="pooler (or server) port")
+    p.add_argument("--user", default="app", help="login role" + d)
+    p.add_argument("--password", help="password (default: $PGPASSWORD, else 'secret')")
+    p.add_argument("--dbname", default="app", help="database" + d)
     p.add_argument(
-        "--pid",
-        type=int,
-        default=None,
-        help="pooler process to read VmRSS and CPU of (with its descendants)",
+        "--pid", type=int, help="pooler process whose VmRSS and CPU to read, with its descendants"
     )
-    p.add_argument("--concurrency", type=int, default=32, help="logins in flight at once")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds per login")
+    p.add_argument("--concurrency", type=int, default=32, help="logins in flight at once" + d)
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per login" + d)
     p.add_argument(
         "--deadline",
         type=float,
         default=600.0,
-        help="seconds for all logins; the ones done by then count",
+        help="seconds for all logins; the ones done by then count" + d,
     )
     p.add_argument(
-        "--settle", type=float, default=1.0, help="seconds to wait before each memory reading"
+        "--settle", type=float, default=1.0, help="seconds to wait before each memory reading" + d
     )
     p.add_argument(
         "--hold",
         type=float,
         default=0.0,
-        help="seconds to keep the connections open after measuring",
+        help="seconds to keep the connections open after measuring" + d,
     )
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     args = p.parse_args(argv)

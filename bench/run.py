@@ -159,12 +159,21 @@ RUN_SIZE = {
 }
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, but not the None/False of flags whose help says what happens."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="bench/run.py",
         description="pgmux side by side with PostgreSQL direct and PgBouncer: pgbench "
         "throughput and latency, idle clients' memory, COPY throughput.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
 
     def sized(name: str) -> str:
