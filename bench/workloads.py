@@ -363,6 +363,8 @@ class Bench:
         latencies = read_tx_latencies_us(tx_dir)
         if not self.args.keep_tx_logs:
             shutil.rmtree(tx_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):  # OUT/txlogs itself, once empty
+                tx_dir.parent.rmdir()
         result.tx_log_sampling = self.sampling_rate(scenario)
         result.latency_samples = len(latencies)
         if latencies:
@@ -433,6 +435,8 @@ class Bench:
                     received += n
                 if error is None:
                     code = proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                error = "psql did not exit within 30 s after its output ended"
             finally:
                 if proc.poll() is None:
                     proc.kill()
