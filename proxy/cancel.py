@@ -16,7 +16,7 @@ import logging
 import socket
 from typing import cast
 
-from .pool import Registry, ServerState
+from .pool import ClientState, Registry, ServerState
 from .protocol import messages
 from .protocol.errors import ProtocolError
 from .protocol.startup import CancelRequest, parse_startup_packet
@@ -54,6 +54,8 @@ def cancel_query(registry: Registry, request: CancelRequest, source: object) -> 
     if server is not None and server.state is ServerState.ACTIVE:
         log.info("%s: forwarding cancel request to %s", target, server)
         server.forward_cancel()
+    elif target.state is ClientState.WAITING:
+        target.cancel_wait()
 
 
 def _pass_to_worker(registry: Registry, owner: int, request: CancelRequest, source: object) -> None:

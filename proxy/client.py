@@ -22,7 +22,7 @@ from .pool import ClientState, Pool, Registry, Settings, link, unlink
 from .prepared import Statement, copy_batch, rewrite_requests
 from .protocol import codes, messages
 from .protocol.errors import ProtocolError
-from .protocol.stream import TRACKED_FRONTEND, FrontendEvent, FrontendStream
+from .protocol.stream import TRACKED_FRONTEND, FrontendEvent, FrontendStream, first_request_end
 from .server import (
     PAUSE_CLIENT_FULL,
     WRITE_HIGH_WATER,
@@ -331,6 +331,29 @@ class ClientConnection(asyncio.Protocol):
                     self._hold(chunk)  # the first chunks ended the transaction already
                 else:
                     self._forward(server, chunk)
+
+    def cancel_wait(self) -> None:
+        """A CancelRequest while this client waits in the queue: its first request never
+        reached a server, so it is dropped and answered as PostgreSQL answers a
+        cancelled statement; pipelined requests after it keep their place."""
+        pending = b"".join(self.pending or ())
+        end = first_request_end(pending)
+        if end is None:
+            return  # the request has not fully arrived: nothing can be cut off cleanly
+        if end < len(pending):
+            self.pending = [pending[end:]]
+        else:
+            self.pending = None
+            self.pool.leave_queue(self)
+            self.resume_reading(PAUSE_WAITING)
+        self.send_error(
+            ProxyError(
+                "canceling statement due to user request (it was still waiting for a "
+                "server connection)",
+                sqlstate="57014",  # query_canceled
+            ),
+            fatal=False,
+        )
 
     def _hold(self, data: bytes) -> None:
         """Keep data until a server is ready for it; stop reading past HOLD_LIMIT."""

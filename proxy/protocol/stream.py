@@ -87,6 +87,25 @@ TRACKED_FRONTEND = interesting_table(b"PBDCQ")
 NOTHING = interesting_table(b"")
 
 
+def first_request_end(data: bytes) -> int | None:
+    """Where the first request in ``data`` (whole client messages, nothing sent yet)
+    ends: after its Query or FunctionCall, or after the Sync closing an extended batch.
+    None when that end has not arrived yet, or the first message is not part of a
+    request (COPY data, Terminate) or is malformed: then nothing can be cut off."""
+    pos = 0
+    n = len(data)
+    while n - pos >= 5:
+        kind = _FRONTEND_KIND[data[pos]]
+        length: int = _unpack_length(data, pos + 1)[0]
+        end = pos + 1 + length
+        if length < 4 or end > n or kind not in (K_REQUEST, K_SYNC, K_EXTENDED, K_FLUSH):
+            return None
+        if kind in (K_REQUEST, K_SYNC):
+            return end
+        pos = end
+    return None
+
+
 class FrontendStream:
     """Client -> server: frames, validates and counts what awaits a ReadyForQuery.
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from typing import Any
@@ -16,11 +15,14 @@ from support.helpers import (
     app_backends,
     connect_asyncpg,
     connect_psycopg,
+    connect_raw,
     log_lines,
     wait_until,
 )
 from support.pgmux import PgmuxProcess
 from support.wire import RawClient, cancel_request
+
+from proxy.protocol import messages
 
 
 async def _sleeping(su: Su) -> bool:
@@ -143,7 +145,8 @@ async def test_cancel_with_unknown_key_does_nothing(pgmux: PgmuxProcess, su: Su)
 
 
 async def test_cancel_while_waiting_for_a_server(pool1: PgmuxProcess, su: Su) -> None:
-    """B is queued for the only server (A holds it): cancelling B touches nothing of A's."""
+    """B is queued for the only server (A holds it): cancelling B answers B's query with
+    57014 at once, without waiting for a server, and touches nothing of A's."""
     a = await connect_asyncpg(pool1)
     b = await connect_psycopg(pool1)
     try:
@@ -157,17 +160,41 @@ async def test_cancel_while_waiting_for_a_server(pool1: PgmuxProcess, su: Su) ->
 
         task_b = asyncio.create_task(b_query())
         await asyncio.sleep(0.3)
+        started = time.monotonic()
         await b.cancel_safe()
+        with pytest.raises(psycopg.errors.QueryCanceled, match="waiting for a server"):
+            await asyncio.wait_for(task_b, 5)
+        assert time.monotonic() - started < 1, "B waited for A's server to be cancelled"
+        assert not task_a.done(), "A was disturbed"
         assert await asyncio.wait_for(task_a, 5) == ""  # A was not cancelled
         await a.execute("COMMIT")
-        # B then runs (or was cancelled by pgmux before it ran: either is fine).
-        with contextlib.suppress(psycopg.errors.QueryCanceled):
-            assert await asyncio.wait_for(task_b, 5) == (42,)
         cur = await b.execute("SELECT 43")
         assert await cur.fetchone() == (43,)
     finally:
         await a.close()
         await b.close()
+
+
+async def test_cancel_while_queued_keeps_pipelined_requests(pool1: PgmuxProcess) -> None:
+    """Only the first of a queued client's pipelined requests is cancelled; the next one
+    keeps its place in the queue and runs once a server is free."""
+    a = await connect_asyncpg(pool1)
+    try:
+        await a.execute("BEGIN")  # A holds the only server
+        async with await connect_raw(pool1) as b:
+            await b.send(messages.query("SELECT 1") + messages.query("SELECT 2"))
+            await asyncio.sleep(0.3)
+            async with await RawClient.open(pool1.host, pool1.port) as raw:
+                await raw.send(cancel_request(b.backend_pid, b.backend_key))
+                assert await raw.read_until_eof(5) == b""
+            first = await b.read_result(5)
+            assert [e.get("C") for e in first.errors] == ["57014"] and first.status == "I"
+            await a.execute("COMMIT")
+            second = await b.read_result(5)
+            assert second.rows == [["2"]] and not second.errors
+            assert (await b.simple_query("SELECT 3")).rows == [["3"]]
+    finally:
+        await a.close()
 
 
 async def test_many_cancels_concurrently(pgmux: PgmuxProcess, su: Su) -> None:

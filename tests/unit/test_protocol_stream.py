@@ -15,6 +15,7 @@ from proxy.protocol.stream import (
     REQ_SYNC,
     BackendStream,
     FrontendStream,
+    first_request_end,
 )
 
 MAX = 1 << 30
@@ -237,3 +238,32 @@ class TestBackendStream:
     def test_bad_length(self, length: int) -> None:
         with pytest.raises(ProtocolError):
             BackendStream(1 << 30).feed(b"D" + struct.pack("!I", length))
+
+
+# -- first_request_end (cancelling a queued client's first request) -----------------------
+
+
+def test_first_request_end() -> None:
+    q1, q2 = messages.query("select 1"), messages.query("select 2")
+    batch = parse() + msg(b"B", b"\0\0\0\0\0\0\0\0") + msg(b"E", b"\0\0\0\0\0") + msg(b"S")
+    assert first_request_end(q1 + q2) == len(q1)
+    assert first_request_end(batch + q1) == len(batch)
+    assert first_request_end(msg(b"H") + batch) == len(msg(b"H")) + len(batch)
+    fcall = msg(b"F", b"\0\0\0\1\0\0\0\0\0\0")
+    assert first_request_end(fcall) == len(fcall)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        messages.query("select 1")[:-1],  # the Query has not fully arrived
+        parse() + msg(b"B", b"\0\0\0\0\0\0\0\0"),  # a batch without its Sync yet
+        msg(b"d", b"copy data") + messages.query("select 1"),  # not a request
+        messages.TERMINATE,
+        b"Q\0\0\0\2",  # a length below 4
+        b"?\0\0\0\4",  # an unknown type
+    ],
+)
+def test_first_request_end_nothing_to_cut(data: bytes) -> None:
+    assert first_request_end(data) is None
