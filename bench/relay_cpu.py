@@ -23,8 +23,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy.client import ClientConnection
 from proxy.auth.scram import ScramClientSession
+from proxy.client import ClientConnection
 from proxy.config import parse_config
 from proxy.pool import ClientState, Registry
 from proxy.protocol import messages

@@ -185,6 +185,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=None,
                    help=f"interleaved rounds {sized('rounds')}")  # fmt: skip
     p.add_argument("--pool-size", type=int, default=20, help="server pool size (both poolers)")
+    p.add_argument("--pgmux-workers", type=int, default=1,
+                   help="pgmux's `workers` (processes sharing the port; the pool is split "
+                   "between them, so PostgreSQL still sees --pool-size connections)")  # fmt: skip
     p.add_argument("--clients", type=int, default=50,
                    help="pgbench -c for select-simple/-extended/-prepared and tpcb")  # fmt: skip
     p.add_argument("--connect-clients", type=int, default=20,
@@ -384,6 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     target = DirectTarget(cluster, out, args.pool_size, certs)
                 elif name == "pgmux":
                     target = PgmuxTarget(cluster, out, args.pool_size, certs, max_client_conn)
+                    target.workers = args.pgmux_workers
                 else:
                     bouncer = PgbouncerTarget(cluster, out, args.pool_size, args.pgbouncer,
                                               args.pgbouncer_auth, certs,

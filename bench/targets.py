@@ -283,6 +283,7 @@ def toml_str(value: object) -> str:
 
 class PgmuxTarget(ProcessTarget):
     name = "pgmux"
+    workers = 1  # pgmux's `workers`: processes sharing the port (set by run.py)
 
     @property
     def config_path(self) -> Path:
@@ -310,6 +311,10 @@ class PgmuxTarget(ProcessTarget):
                 )
             else:
                 self.events.append("config has no client_tls_* keys: no TLS for clients")
+        if self.workers > 1:
+            if "workers" not in known:
+                raise RuntimeError("this pgmux has no `workers` setting")
+            extra += f"workers = {self.workers}\n"
         if "metrics" in known:
             extra += f'\n[metrics]\nlisten_addr = "{HOST}"\nlisten_port = {free_port()}\n'
         self.config_path.write_text(
@@ -336,7 +341,7 @@ class PgmuxTarget(ProcessTarget):
         return args, {"cwd": str(REPO)}
 
     def info(self) -> dict[str, Any]:
-        return {**super().info(), "config": str(self.config_path)}
+        return {**super().info(), "config": str(self.config_path), "workers": self.workers}
 
 
 def pgbouncer_binary() -> str | None:
