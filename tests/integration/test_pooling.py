@@ -14,6 +14,7 @@ import psycopg
 import pytest
 from support.helpers import (
     app_backends,
+    app_table,
     connect_asyncpg,
     connect_psycopg,
     counting_backends,
@@ -32,13 +33,8 @@ from support.pgmux import PgmuxFactory, PgmuxProcess
 @pytest.fixture
 async def table(pg: PgCluster) -> AsyncIterator[str]:
     """A fresh table ``pool_t`` owned by app."""
-    name = "pool_t"
-    pg.psql(
-        f"DROP TABLE IF EXISTS {name}; CREATE TABLE {name} (client int, n int, note text);"
-        f" ALTER TABLE {name} OWNER TO {APP_USER}"
-    )
-    yield name
-    pg.psql(f"DROP TABLE IF EXISTS {name}")
+    with app_table(pg, "pool_t", "client int, n int, note text") as name:
+        yield name
 
 
 # -- many clients, few servers -----------------------------------------------------------

@@ -23,6 +23,7 @@ import pytest
 from support.helpers import (
     Su,
     app_backends,
+    app_table,
     connect_asyncpg,
     connect_psycopg,
     counting_backends,
@@ -70,13 +71,8 @@ async def _count_sleeping(su: Su, n: int) -> bool:
 
 @pytest.fixture
 async def table(pg: PgCluster) -> AsyncIterator[str]:
-    name = "workers_t"
-    pg.psql(
-        f"DROP TABLE IF EXISTS {name}; CREATE TABLE {name} (n int);"
-        f" ALTER TABLE {name} OWNER TO {APP_USER}"
-    )
-    yield name
-    pg.psql(f"DROP TABLE IF EXISTS {name}")
+    with app_table(pg, "workers_t", "n int") as name:
+        yield name
 
 
 # -- the process model -------------------------------------------------------------------

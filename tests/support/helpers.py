@@ -179,6 +179,19 @@ async def app_locks(su: psycopg.AsyncConnection[TupleRow]) -> list[tuple[Any, ..
 # -- waiting -----------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def app_table(pg: PgCluster, name: str, columns: str) -> Iterator[str]:
+    """A fresh table ``name (columns)`` owned by the app role, dropped afterwards."""
+    pg.psql(
+        f"DROP TABLE IF EXISTS {name}; CREATE TABLE {name} ({columns});"
+        f" ALTER TABLE {name} OWNER TO {APP_USER}"
+    )
+    try:
+        yield name
+    finally:
+        pg.psql(f"DROP TABLE IF EXISTS {name}")
+
+
 @contextlib.asynccontextmanager
 async def counting_backends(
     su: psycopg.AsyncConnection[TupleRow], user: str = APP_USER, interval: float = 0.01
