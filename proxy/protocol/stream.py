@@ -18,6 +18,7 @@ from . import codes
 from .errors import ProtocolError
 
 _unpack_length = struct.Struct("!I").unpack_from
+_unpack_header = struct.Struct("!BI").unpack_from  # type byte, length
 
 Event = tuple[int, int, int]
 """``(message type, start, end)`` of a whole message inside the returned buffer."""
@@ -317,18 +318,21 @@ class BackendStream:
         interesting = self.interesting
         max_length = self._max_length
         events: list[Event] | None = None
+        last_header = n - 5
         while True:
-            if n - pos < 5:
+            if pos > last_header:
                 if pos < n:
                     self._hold = data[pos:]
                 return data, pos, events or NO_EVENTS
-            typ = data[pos]
-            (length,) = _unpack_length(data, pos + 1)
+            typ, length = _unpack_header(data, pos)
+            end = pos + 1 + length
+            if end <= n and not interesting[typ] and 4 <= length <= max_length:
+                pos = end  # the common case: a whole message nobody needs to look at
+                continue
             if length < 4 or length > max_length:
                 raise ProtocolError(
                     f"invalid length {length} in server message of type {chr(typ)!r}"
                 )
-            end = pos + 1 + length
             if interesting[typ]:
                 if end > n:
                     self._hold = data[pos:]
