@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -19,14 +18,16 @@ from support.helpers import (
     connect_psycopg,
     counting_backends,
     fetch_value,
+    pgbench_tps,
     postgres_error,
     psql_command,
+    run_pgbench,
     run_psql,
     superuser,
     tool_env,
     wait_until,
 )
-from support.pgcluster import APP_DB, APP_USER, PgCluster, find_client_tool
+from support.pgcluster import APP_USER, PgCluster
 from support.pgmux import PgmuxFactory, PgmuxProcess
 
 
@@ -315,34 +316,11 @@ async def test_session_mode_second_client_waits(pgmux_factory: PgmuxFactory) -> 
 # -- tools -------------------------------------------------------------------------------
 
 
-def _pgbench(pgmux_or_pg: PgmuxProcess | PgCluster, *args: str) -> subprocess.CompletedProcess[str]:
-    host, port = pgmux_or_pg.host, pgmux_or_pg.port
-    return subprocess.run(
-        [find_client_tool("pgbench"), "-h", host, "-p", str(port), "-U", APP_USER, *args, APP_DB],
-        env=tool_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
-def _check_pgbench(proc: subprocess.CompletedProcess[str]) -> float:
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out
-    failed = re.search(r"number of failed transactions: (\d+)", out)
-    assert failed is not None and int(failed.group(1)) == 0, out
-    tps = re.search(r"tps = ([0-9.]+)", out)
-    assert tps is not None, out
-    assert float(tps.group(1)) > 0, out
-    return float(tps.group(1))
-
-
-def test_pgbench(pg: PgCluster, pgmux: PgmuxProcess) -> None:
-    init = _pgbench(pg, "-i", "-s", "1", "-q")
+def testrun_pgbench(pg: PgCluster, pgmux: PgmuxProcess) -> None:
+    init = run_pgbench(pg, "-i", "-s", "1", "-q")
     assert init.returncode == 0, init.stdout + init.stderr
-    select_only = _check_pgbench(_pgbench(pgmux, "-c", "20", "-j", "2", "-T", "5", "-S"))
-    tpcb = _check_pgbench(_pgbench(pgmux, "-c", "10", "-j", "2", "-T", "5"))
+    select_only = pgbench_tps(run_pgbench(pgmux, "-c", "20", "-j", "2", "-T", "5", "-S"))
+    tpcb = pgbench_tps(run_pgbench(pgmux, "-c", "10", "-j", "2", "-T", "5"))
     print(f"pgbench through pgmux: -S {select_only:.0f} tps, TPC-B {tpcb:.0f} tps")
 
 

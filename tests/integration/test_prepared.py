@@ -11,8 +11,6 @@ oracle for what a client must see.
 from __future__ import annotations
 
 import asyncio
-import re
-import subprocess
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -26,9 +24,10 @@ from support.helpers import (
     connect_raw,
     counting_backends,
     log_lines,
-    tool_env,
+    pgbench_tps,
+    run_pgbench,
 )
-from support.pgcluster import APP_DB, APP_PASSWORD, APP_USER, PgCluster, find_client_tool
+from support.pgcluster import APP_DB, APP_PASSWORD, APP_USER, PgCluster
 from support.pgmux import PgmuxFactory, PgmuxProcess
 from support.wire import (
     RawClient,
@@ -249,34 +248,8 @@ async def test_psycopg_pipeline_prepared(pool2: PgmuxProcess) -> None:
 
 @pytest.fixture(scope="module")
 def pgbench_tables(pg: PgCluster) -> None:
-    init = _pgbench(pg, "-i", "-s", "1", "-q")
+    init = run_pgbench(pg, "-i", "-s", "1", "-q")
     assert init.returncode == 0, init.stdout + init.stderr
-
-
-def _pgbench(target: PgmuxProcess | PgCluster, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            find_client_tool("pgbench"),
-            *("-h", target.host, "-p", str(target.port), "-U", APP_USER),
-            *args,
-            APP_DB,
-        ],
-        env=tool_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
-def _check_pgbench(proc: subprocess.CompletedProcess[str]) -> float:
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out
-    failed = re.search(r"number of failed transactions: (\d+)", out)
-    assert failed is not None and int(failed.group(1)) == 0, out
-    tps = re.search(r"tps = ([0-9.]+)", out)
-    assert tps is not None and float(tps.group(1)) > 0, out
-    return float(tps.group(1))
 
 
 @pytest.mark.parametrize("mode", ["prepared", "extended"])
@@ -284,9 +257,9 @@ def test_pgbench_protocol_modes(
     pgmux_factory: PgmuxFactory, pgbench_tables: None, mode: str
 ) -> None:
     pgmux = pgmux_factory({"default_pool_size": 2})
-    select_only = _check_pgbench(_pgbench(pgmux, "-M", mode, "-S", "-c", "8", "-j", "2", "-T", "3"))
+    select_only = pgbench_tps(run_pgbench(pgmux, "-M", mode, "-S", "-c", "8", "-j", "2", "-T", "3"))
     # -j = -c: pgbench -M prepared prepares synchronously per thread (see the brief).
-    tpcb = _check_pgbench(_pgbench(pgmux, "-M", mode, "-c", "4", "-j", "4", "-T", "3"))
+    tpcb = pgbench_tps(run_pgbench(pgmux, "-M", mode, "-c", "4", "-j", "4", "-T", "3"))
     print(f"pgbench -M {mode} through pgmux: -S {select_only:.0f} tps, TPC-B {tpcb:.0f} tps")
     assert not log_lines(pgmux, levels=("ERROR", "WARNING")), log_lines(pgmux)
 

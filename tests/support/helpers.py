@@ -8,6 +8,7 @@
 - ``app_backends`` / ``app_locks``: what the ``app`` role's backends do and hold.
 - ``wait_until`` / ``wait_until_sync``: poll a condition with a deadline.
 - ``psql_command`` / ``run_psql`` / ``tool_env``: psql and pgbench against pgmux;
+  ``run_pgbench`` / ``pgbench_tps``: a pgbench run, and its tps once checked clean;
   ``run_psql_conninfo``: psql with a whole libpq conninfo (TLS parameters and all).
 - ``vm_rss_kib``: a process's resident set size from /proc.
 """
@@ -18,6 +19,7 @@ import asyncio
 import contextlib
 import inspect
 import os
+import re
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
@@ -262,6 +264,35 @@ def tool_env(password: str = APP_PASSWORD) -> dict[str, str]:
     env["PGPASSWORD"] = password
     env["PGCONNECT_TIMEOUT"] = "15"
     return env
+
+
+def run_pgbench(target: PgmuxProcess | PgCluster, *args: str) -> subprocess.CompletedProcess[str]:
+    """pgbench as the app user against pgmux or PostgreSQL itself (60 s at most)."""
+    return subprocess.run(
+        [
+            find_client_tool("pgbench"),
+            *("-h", target.host, "-p", str(target.port), "-U", APP_USER),
+            *args,
+            APP_DB,
+        ],
+        env=tool_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def pgbench_tps(proc: subprocess.CompletedProcess[str]) -> float:
+    """The tps of a pgbench run that must have succeeded with no failed transaction."""
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    failed = re.search(r"number of failed transactions: (\d+)", out)
+    assert failed is not None and int(failed.group(1)) == 0, out
+    tps = re.search(r"tps = ([0-9.]+)", out)
+    assert tps is not None, out
+    assert float(tps.group(1)) > 0, out
+    return float(tps.group(1))
 
 
 def psql_command(
