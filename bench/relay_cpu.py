@@ -12,6 +12,7 @@ measures the whole thing. Use it to compare two versions of the relay:
 
 from __future__ import annotations
 
+import os
 import argparse
 import asyncio
 import cProfile
@@ -221,7 +222,7 @@ def main() -> None:
             profiler.enable()
             once()
             profiler.disable()
-            pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
+            pstats.Stats(profiler).sort_stats(os.environ.get("PROFILE_SORT", "tottime")).print_stats(20)
             continue
         best = min(once() for _ in range(args.repeat))
         what = "SCRAM login" if mode == "login" else "transaction"

@@ -63,6 +63,7 @@ class ClientConnection(asyncio.Protocol):
         "dbname",
         "deferred",
         "fe",
+        "greeting",
         "host",
         "id",
         "is_unix",
@@ -97,6 +98,7 @@ class ClientConnection(asyncio.Protocol):
         self.state = ClientState.LOGIN
         self.login: Login | None = Login(self)
         self.welcomed = False
+        self.greeting = b""  # login bytes held back to go out with the welcome (or error)
         self.admin: Any = None
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.addr = "?"
@@ -466,9 +468,10 @@ class ClientConnection(asyncio.Protocol):
             log.info("%s: %s %s: %s", self, severity, error.sqlstate, error.message)
         if self.state is ClientState.CLOSED or self.transport.is_closing():
             return
-        payload = messages.error_response(
+        payload = self.greeting + messages.error_response(
             severity, error.sqlstate, error.message, error.detail, error.hint
         )
+        self.greeting = b""
         if fatal:
             self.transport.write(payload)
             self.close(f"{error.sqlstate}: {error.message}")
@@ -516,6 +519,9 @@ class ClientConnection(asyncio.Protocol):
         self.cancel_pid, self.cancel_key = self.registry.register_cancel_key(self)
         rest = self.login.take_rest() if self.login is not None else b""
         self.login = None
+        if self.greeting:
+            self.transport.write(self.greeting)  # before the console's welcome
+            self.greeting = b""
         self.admin = self.registry.open_admin(self)
         if self.registry.config.log_connections:
             log.info("%s: admin console login ok", self)
@@ -554,10 +560,12 @@ class ClientConnection(asyncio.Protocol):
             pool.cache_welcome(self.settings, welcome)
         self.cancel_pid, self.cancel_key = self.registry.register_cancel_key(self)
         self.transport.write(
-            welcome
+            self.greeting
+            + welcome
             + messages.backend_key_data(self.cancel_pid, self.cancel_key)
             + messages.READY_IDLE
         )
+        self.greeting = b""
         if self.registry.config.log_connections:
             log.info("%s: login ok%s", self, _describe_settings(self.settings))
         rest = self.login.take_rest() if self.login is not None else b""

@@ -10,6 +10,7 @@ fail exactly like wrong passwords.
 
 from __future__ import annotations
 
+import base64
 import hmac
 import logging
 import os
@@ -73,6 +74,7 @@ TLS_HANDSHAKE_BYTE = 0x16  # a TLS record of type handshake: direct TLS (Postgre
 # Startup parameters that are not session settings.
 _NOT_SETTINGS = frozenset(("user", "database", "options", "replication"))
 _SETTING_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)*\Z")
+SCRAM_NONCE_BYTES = 18  # the server's half of a SCRAM nonce, before base64 (as PostgreSQL)
 _METHOD_NAMES = {"password": "plain"}  # pg_hba.conf's name for cleartext passwords
 
 
@@ -381,7 +383,10 @@ class Login:
         binding = None
         if self.tls and registry.client_tls_cert_hash is not None:
             binding = (TLS_SERVER_END_POINT, registry.client_tls_cert_hash)
-        self.scram = ScramServerSession(secret, channel_binding=binding, mock=self.mock)
+        nonce = base64.b64encode(registry.random_bytes(SCRAM_NONCE_BYTES))
+        self.scram = ScramServerSession(
+            secret, nonce=nonce, channel_binding=binding, mock=self.mock
+        )
         self.phase = PHASE_SASL_FIRST
         client.transport.write(messages.authentication_sasl(list(self.scram.mechanisms)))
 
@@ -406,8 +411,13 @@ class Login:
         if self.credential is not None:
             # With this, pgmux can log in to PostgreSQL holding only a SCRAM secret.
             client.registry.secrets.remember_client_key(self.credential, session.client_key)
-        client.transport.write(messages.authentication_sasl_final(reply))
+        # AuthenticationSASLFinal goes out with whatever answers the login next (the
+        # welcome, or an error): one write, one segment, as for a password login.
+        client.greeting = messages.authentication_sasl_final(reply)
         self._authenticated()
+        if client.greeting:  # the welcome waits for a server: say this much now
+            client.transport.write(client.greeting)
+            client.greeting = b""
 
     def _password_ok(self, response: bytes) -> bool:
         """A cleartext or md5 response against whatever kind of secret the user has."""

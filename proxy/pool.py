@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import os
 import secrets
 import ssl
 import time
@@ -37,6 +38,7 @@ NO_SETTINGS: Settings = ()
 
 # BackendKeyData's process id is an Int32; pgmux's made-up ones are positive.
 PID_LIMIT = 2**31
+RANDOM_CHUNK = 4096
 
 
 class ServerState(enum.Enum):
@@ -416,6 +418,8 @@ class Registry:
         self.pin_counts: dict[str, int] = {}
         self.salted_password_cache: dict[tuple[bytes, bytes, int], bytes] = {}
         self.mock_key = secrets.token_bytes(32)
+        self._random = b""  # see random_bytes
+        self._random_pos = 0
         self.client_tls = client_tls
         self.server_tls = server_tls
         # tls-server-end-point channel binding data of pgmux's own certificate, when it
@@ -465,11 +469,23 @@ class Registry:
         keys = self.cancel_keys
         workers = self.config.workers
         while True:
-            pid = secrets.randbelow(PID_LIMIT // workers) * workers + self.worker
+            draw = int.from_bytes(self.random_bytes(8))
+            pid = (draw >> 32) % (PID_LIMIT // workers) * workers + self.worker
             if pid and pid not in keys:
                 break
         keys[pid] = client
-        return pid, secrets.randbits(32)
+        return pid, draw & 0xFFFFFFFF
+
+    def random_bytes(self, n: int) -> bytes:
+        """``n`` bytes from the OS's CSPRNG (cancel keys, SCRAM nonces), read
+        RANDOM_CHUNK at a time: one getrandom() per few hundred logins, not three each.
+        Each worker is its own process with its own Registry, so none share bytes."""
+        pos = self._random_pos
+        if pos + n > len(self._random):
+            self._random = os.urandom(max(RANDOM_CHUNK, n))
+            pos = 0
+        self._random_pos = pos + n
+        return self._random[pos : pos + n]
 
     def iter_pools(self) -> Iterator[Pool]:
         return iter(list(self.pools.values()))

@@ -8,7 +8,7 @@ from its kind.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .auth import ScramSecret, is_md5_secret
 from .config import Config
@@ -19,18 +19,21 @@ class Credential:
     user: str
     secret: str | None  # None: the user is known but has no password (trust only)
     source: str  # "[users]", "auth_file", "auth_query", "[databases]"
+    kind: str = field(init=False, compare=False)  # plain, md5, scram or none
 
-    @property
-    def kind(self) -> str:
-        """``plain``, ``md5``, ``scram`` or ``none``."""
-        secret = self.secret
-        if secret is None:
-            return "none"
-        if ScramSecret.is_scram_secret(secret):
-            return "scram"
-        if is_md5_secret(secret):
-            return "md5"
-        return "plain"
+    def __post_init__(self) -> None:
+        # Worked out once: every login asks, and the answer takes parsing the secret.
+        object.__setattr__(self, "kind", _secret_kind(self.secret))
+
+
+def _secret_kind(secret: str | None) -> str:
+    if secret is None:
+        return "none"
+    if ScramSecret.is_scram_secret(secret):
+        return "scram"
+    if is_md5_secret(secret):
+        return "md5"
+    return "plain"
 
 
 def static_credential(config: Config, user: str) -> Credential | None:
