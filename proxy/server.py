@@ -81,12 +81,16 @@ QueryDone = Callable[[int, ErrorFields | None], None]
 
 
 def tune_socket(transport: asyncio.BaseTransport, keepalive: bool) -> None:
-    """TCP_NODELAY (every message is latency) and keepalive, on TCP sockets only."""
-    sock = transport.get_extra_info("socket")
-    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+    """SO_KEEPALIVE, on TCP sockets only.
+
+    TCP_NODELAY (every message is latency) is on already: uvloop and asyncio set it on
+    every TCP transport they make (tests/unit/test_socket_options.py holds them to it),
+    and setting it again cost a syscall per connection.
+    """
+    if not keepalive:
         return
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if keepalive:
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
 
