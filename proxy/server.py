@@ -326,7 +326,6 @@ class ServerConnection(asyncio.Protocol):
         """
         fe = client.fe
         write = client.transport.write
-        view = memoryview(buf)
         parts: list[bytes | memoryview] | None = None
         cursor = 0
         done = False
@@ -361,14 +360,14 @@ class ServerConnection(asyncio.Protocol):
                     batch_done(self, client)
                 if status != codes.TX_IDLE and self.statement_mode:
                     parts = parts or []
-                    parts.append(view[cursor:start])
+                    parts.append(memoryview(buf)[cursor:start])
                     write(b"".join(parts))
                     self._refuse_transaction(client, fe)
                     return
                 done = status == codes.TX_IDLE
                 batch_start = stop
                 if parts is not None:
-                    parts.append(view[cursor:stop])
+                    parts.append(memoryview(buf)[cursor:stop])
                     cursor = stop
                     batch_parts = len(parts)
             elif typ == codes.B_COMMAND_COMPLETE:
@@ -381,7 +380,7 @@ class ServerConnection(asyncio.Protocol):
                     # Hold a BEGIN's CommandComplete until we know it is refused.
                     if stop == end:
                         replacement = b""
-                        self.held = bytes(view[start:stop])
+                        self.held = buf[start:stop]
                     elif index + 1 < len(events):
                         typ2, start2, _ = events[index + 1]
                         if (
@@ -411,7 +410,7 @@ class ServerConnection(asyncio.Protocol):
                     client.batch_copy = bytearray(retry)
                     self.retrying = True
                     if parts is None or batch_parts < 0:
-                        parts = [view[:batch_start]]
+                        parts = [memoryview(buf)[:batch_start]]
                     else:
                         del parts[batch_parts:]
                     cursor = stop
@@ -428,14 +427,14 @@ class ServerConnection(asyncio.Protocol):
             if replacement is not None:
                 if parts is None:
                     parts = []
-                parts.append(view[cursor:start])
+                parts.append(memoryview(buf)[cursor:start])
                 if replacement:
                     parts.append(replacement)
                 cursor = stop
         if parts is None:
-            write(buf if end == len(buf) else view[:end])
+            write(buf if end == len(buf) else memoryview(buf)[:end])
         else:
-            parts.append(view[cursor:end])
+            parts.append(memoryview(buf)[cursor:end])
             write(b"".join(parts))
         if client.deferred is not None:
             resume_deferred(client, self)
