@@ -26,6 +26,7 @@ from .config import Config
 from .errors import ShuttingDown
 from .janitor import run_janitor
 from .pool import ClientState, Registry
+from .protocol.stream import SCANNER
 from .server import open_server
 from .tls import channel_binding_hash, client_facing_context, server_facing_context
 from .workers import SupervisorLink, WorkerSlot
@@ -116,10 +117,11 @@ class App:
             _format_addr(sock.getsockname()) for lst in self.listeners for sock in lst.sockets
         )
         log.info(
-            "pgmux listening on %s (pool_mode=%s, databases: %s)",
+            "pgmux listening on %s (pool_mode=%s, databases: %s; %s stream scanner)",
             addresses,
             config.pool_mode,
             ", ".join(sorted(config.databases)),
+            SCANNER,
         )
         self._janitor = loop.create_task(run_janitor(registry))
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -69,14 +69,21 @@ ensure_venv() {
     fi
 }
 
-# pip install -e SPEC into .venv, skipped when already done for this pyproject.toml
-# (PGMUX_REINSTALL=1 forces it).
+# pip install -e SPEC into .venv, skipped when already done for this pyproject.toml,
+# setup.py and C scanner (PGMUX_REINSTALL=1 forces it).
 pip_install_project() {
     local spec=$1 stamp want
     stamp="$VENV/.pgmux-installed${spec//[^A-Za-z0-9]/_}"
-    want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1) $spec"
+    # setup.py and the C scanner too: an edited _scan.c must be rebuilt, never left stale.
+    want="$(cat "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT/proxy/protocol/_scan.c" |
+        sha256sum | cut -d' ' -f1) $spec"
     if [[ ${PGMUX_REINSTALL:-} != 1 && -f $stamp && "$(<"$stamp")" == "$want" ]]; then
         return
+    fi
+    if ! command -v cc >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 &&
+        { [[ $EUID -eq 0 ]] || command -v sudo >/dev/null 2>&1; }; then
+        # For the optional C stream scanner (setup.py); without it pgmux scans in Python.
+        apt_install gcc libc6-dev || log "no C compiler: pgmux will use its Python scanner"
     fi
     log "pip install -e '$spec'"
     (cd "$ROOT" && "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$spec")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import codes
@@ -315,33 +315,65 @@ class BackendStream:
             data = self._hold + data
             self._hold = b""
             n = len(data)
-        interesting = self.interesting
-        max_length = self._max_length
-        events: list[Event] | None = None
-        last_header = n - 5
-        while True:
-            if pos > last_header:
-                if pos < n:
-                    self._hold = data[pos:]
-                return data, pos, events or NO_EVENTS
-            typ, length = _unpack_header(data, pos)
-            end = pos + 1 + length
-            if end <= n and not interesting[typ] and 4 <= length <= max_length:
-                pos = end  # the common case: a whole message nobody needs to look at
-                continue
-            if length < 4 or length > max_length:
-                raise ProtocolError(
-                    f"invalid length {length} in server message of type {chr(typ)!r}"
-                )
-            if interesting[typ]:
-                if end > n:
-                    self._hold = data[pos:]
-                    return data, pos, events or NO_EVENTS
-                if events is None:
-                    events = [(typ, pos, end)]
-                else:
-                    events.append((typ, pos, end))
-            elif end > n:
-                self._skip = end - n
-                return data, n, events or NO_EVENTS
-            pos = end
+        pos, events, stop, extra = scan_backend(data, pos, self.interesting, self._max_length)
+        if stop == STOP_SKIP:
+            self._skip = extra
+            return data, n, events or NO_EVENTS
+        if stop == STOP_BAD_LENGTH:
+            raise ProtocolError(
+                f"invalid length {extra} in server message of type {chr(data[pos])!r}"
+            )
+        if pos < n:
+            self._hold = data[pos:]
+        return data, pos, events or NO_EVENTS
+
+
+# How scan_backend stopped (the same numbers as in _scan.c).
+STOP_HOLD = 0  # at pos: a partial header, or an interesting message not yet whole
+STOP_SKIP = 1  # an uninteresting message runs past the chunk by ``extra`` bytes
+STOP_BAD_LENGTH = 2  # the message at pos declares length ``extra``, out of range
+
+ScanResult = tuple[int, list[Event] | None, int, int]
+
+
+def scan_backend_py(data: bytes, pos: int, interesting: bytes, max_length: int) -> ScanResult:
+    """Walk whole message headers from ``pos``: ``(pos, events, stop, extra)``.
+
+    Whole messages whose type is marked in ``interesting`` become events; the rest are
+    only stepped over. The walk stops where a header is incomplete or an interesting
+    message is not whole yet (STOP_HOLD at ``pos``), where an uninteresting message
+    runs ``extra`` bytes past the chunk (STOP_SKIP), or at a length outside
+    4..max_length (STOP_BAD_LENGTH, ``extra`` the length). ``_scan.scan_backend`` is
+    the same in C; this one runs where it could not be built.
+    """
+    n = len(data)
+    events: list[Event] | None = None
+    last_header = n - 5
+    while True:
+        if pos > last_header:
+            return pos, events, STOP_HOLD, 0
+        typ, length = _unpack_header(data, pos)
+        end = pos + 1 + length
+        if end <= n and not interesting[typ] and 4 <= length <= max_length:
+            pos = end  # the common case: a whole message nobody needs to look at
+            continue
+        if length < 4 or length > max_length:
+            return pos, events, STOP_BAD_LENGTH, length
+        if interesting[typ]:
+            if end > n:
+                return pos, events, STOP_HOLD, 0
+            if events is None:
+                events = [(typ, pos, end)]
+            else:
+                events.append((typ, pos, end))
+        elif end > n:
+            return pos, events, STOP_SKIP, end - n
+        pos = end
+
+
+scan_backend: Callable[[bytes, int, bytes, int], ScanResult]
+try:
+    from ._scan import scan_backend
+except ImportError:  # built without a C compiler: the same walk in Python
+    scan_backend = scan_backend_py
+SCANNER = "C" if scan_backend is not scan_backend_py else "Python"

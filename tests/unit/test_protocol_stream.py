@@ -6,8 +6,10 @@ import contextlib
 import struct
 
 import pytest
+from support.scanners import SCANNER_IDS, SCANNERS
 
 from proxy.protocol import messages
+from proxy.protocol import stream as stream_module
 from proxy.protocol.errors import ProtocolError
 from proxy.protocol.stream import (
     MARK_COPY_END,
@@ -206,6 +208,11 @@ ERROR = messages.error_response("ERROR", "42601", "syntax error")
 
 
 class TestBackendStream:
+    @pytest.fixture(autouse=True, params=SCANNERS, ids=SCANNER_IDS)
+    def scanner(self, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Every case runs through each header walk built here: C and Python."""
+        monkeypatch.setattr(stream_module, "scan_backend", request.param)
+
     def test_result_then_ready(self, bytewise: bool) -> None:
         data = ROW_DESCRIPTION + DATA_ROW * 3 + COMMAND_COMPLETE + READY
         out, events = feed_back(BackendStream(MAX), data, bytewise=bytewise)
