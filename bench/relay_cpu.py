@@ -12,7 +12,6 @@ measures the whole thing. Use it to compare two versions of the relay:
 
 from __future__ import annotations
 
-import os
 import argparse
 import asyncio
 import cProfile
@@ -209,6 +208,9 @@ def main() -> None:
     parser.add_argument("--transactions", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="cProfile one run")
+    parser.add_argument(
+        "--profile-sort", default="tottime", help="pstats order: tottime, cumulative, ..."
+    )
     args = parser.parse_args()
     modes = ("simple", "extended", "prepared", "login") if args.mode == "all" else (args.mode,)
     for mode in modes:
@@ -222,7 +224,7 @@ def main() -> None:
             profiler.enable()
             once()
             profiler.disable()
-            pstats.Stats(profiler).sort_stats(os.environ.get("PROFILE_SORT", "tottime")).print_stats(20)
+            pstats.Stats(profiler).sort_stats(args.profile_sort).print_stats(20)
             continue
         best = min(once() for _ in range(args.repeat))
         what = "SCRAM login" if mode == "login" else "transaction"

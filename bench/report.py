@@ -226,7 +226,8 @@ def render(report: dict[str, Any], runs: list[RunResult], targets: list[Target])
         f"scale {params['scale']}.  ",
         f"{machine.get('nproc')} CPU ({machine.get('cpu_model')}), "
         f"PostgreSQL {machine.get('postgresql')}, PgBouncer {machine.get('pgbouncer') or '—'}, "
-        f"Python {machine.get('python')}, pgmux {commit}.",
+        f"Python {machine.get('python')}, pgmux {commit} "
+        f"({machine.get('pgmux_scanner', '?')} stream scanner).",
     ]
     tls = [s for s in params["scenarios"] if params.get("scenario_sslmode", {}).get(s, "disable")
            != "disable"]  # fmt: skip

@@ -66,6 +66,7 @@ from bench.targets import (  # noqa: E402
     tail,
 )
 from bench.workloads import SCENARIOS, Bench, Kind, Scenario, clients_for  # noqa: E402
+from proxy.protocol.stream import SCANNER  # noqa: E402
 
 if TYPE_CHECKING:
     from support.certs import CertFiles
@@ -115,6 +116,8 @@ def machine_info(cluster: PgCluster, bouncer: PgbouncerTarget | None) -> dict[st
         "pgbouncer": bouncer.version if bouncer else None,
         "pgmux_commit": commit if re.fullmatch(r"[0-9a-f]{40}", commit) else None,
         "pgmux_worktree_dirty": bool(dirty),
+        # The same interpreter and tree run pgmux: C when _scan.c was built, else Python.
+        "pgmux_scanner": SCANNER,
     }
 
 
