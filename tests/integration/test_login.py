@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 import psycopg
 import pytest
+from support.auth import TracingClient
 from support.helpers import connect_asyncpg, connect_psycopg, run_psql
 from support.pgcluster import (
     APP_DB,
@@ -23,6 +24,7 @@ from support.pgcluster import (
     free_port,
 )
 from support.pgmux import PgmuxFactory, PgmuxProcess, default_config, run_check, to_toml
+from support.wire import AUTH_OK, AUTH_SASL, AUTH_SASL_CONTINUE, AUTH_SASL_FINAL, ServerError
 
 # -- successful logins -------------------------------------------------------------------
 
@@ -122,6 +124,22 @@ async def test_unknown_database(pgmux: PgmuxProcess) -> None:
     assert info.value.sqlstate == "3D000"
     assert "no such database" in info.value.message
     assert "nosuchdb" in info.value.message
+
+
+async def test_scram_final_comes_before_what_follows_it(pgmux: PgmuxProcess) -> None:
+    """pgmux holds AuthenticationSASLFinal back to send it in one write with the welcome
+    or with an error; either way the client must read it first, as from PostgreSQL."""
+    async with await TracingClient.open(pgmux.host, pgmux.port) as client:
+        await client.login(APP_USER, APP_PASSWORD, APP_DB)  # verifies the server's proof
+        assert client.auth_codes == [AUTH_SASL, AUTH_SASL_CONTINUE, AUTH_SASL_FINAL, AUTH_OK]
+        kinds = [typ for typ, _ in client.seen]
+        assert kinds[:4] == [b"R"] * 4 and kinds[-2:] == [b"K", b"Z"]
+    async with await TracingClient.open(pgmux.host, pgmux.port) as client:
+        with pytest.raises(ServerError) as info:
+            await client.login(APP_USER, APP_PASSWORD, "nosuchdb")
+        assert info.value.sqlstate == "3D000"
+        assert client.auth_codes == [AUTH_SASL, AUTH_SASL_CONTINUE, AUTH_SASL_FINAL]
+        assert [typ for typ, _ in client.seen] == [b"R", b"R", b"R", b"E"]
 
 
 async def test_max_client_conn(pgmux_factory: PgmuxFactory) -> None:
