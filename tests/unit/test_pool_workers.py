@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from proxy.config import parse_config
-from proxy.pool import PID_LIMIT, Registry
+from proxy.pool import PID_LIMIT, RANDOM_CHUNK, Registry
 
 
 @pytest.fixture
@@ -42,6 +42,21 @@ def test_cancel_pids_name_the_worker(
     assert len(registry.cancel_keys) == 2000
     assert all(0 < pid < PID_LIMIT and pid % workers == worker for pid in pids)
     assert max(pids) > PID_LIMIT // 2  # still random over the whole range
+
+
+def test_random_bytes_are_read_in_chunks_and_never_reused(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """Cancel keys and SCRAM nonces come from one buffer of OS randomness: each byte is
+    handed out once, and a request larger than the buffer still gets fresh bytes."""
+    registry = _registry(loop, 1, 0)
+    taken = [registry.random_bytes(18) for _ in range(RANDOM_CHUNK // 18 * 3)]
+    assert all(len(chunk) == 18 for chunk in taken)
+    assert len(set(taken)) == len(taken)
+    big = registry.random_bytes(RANDOM_CHUNK * 2)
+    assert len(big) == RANDOM_CHUNK * 2 and big not in b"".join(taken)
+    keys = {registry.register_cancel_key(object())[1] for _ in range(1000)}
+    assert len(keys) > 990 and max(keys) > 2**31  # secret keys span the 32 bits
 
 
 @pytest.mark.parametrize(
