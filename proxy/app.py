@@ -112,6 +112,11 @@ class App:
                 # Every worker binds the port itself; the kernel spreads connections.
                 reuse_port=config.workers > 1,
             )
+            if config.tcp_keepalive:
+                for sock in listener.sockets:
+                    # Accepted connections inherit SO_KEEPALIVE from the listening
+                    # socket: set once here, not with a syscall per client.
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             self.listeners.append(listener)
         addresses = ", ".join(
             _format_addr(sock.getsockname()) for lst in self.listeners for sock in lst.sockets

@@ -28,7 +28,6 @@ from .server import (
     WRITE_HIGH_WATER,
     WRITE_LOW_WATER,
     ServerConnection,
-    tune_socket,
 )
 from .session_state import LOAD_TAG
 from .users import Credential
@@ -152,7 +151,6 @@ class ClientConnection(asyncio.Protocol):
         else:
             self.is_unix = True
             self.addr = "unix"
-        tune_socket(transport, self.registry.config.tcp_keepalive)
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         timeout = self.registry.config.client_login_timeout
         if timeout:
