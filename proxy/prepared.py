@@ -162,7 +162,9 @@ def rewrite_requests(
             if replacement is None:
                 replacement = _parse(client, server, name, rest, batch, tracking)
         elif typ == 66:  # Bind
-            if tracking:
+            # Only a client's own named statements are renamed: with none, nothing to do
+            # (an unknown name goes through for PostgreSQL's own 26000, as _known says).
+            if tracking and client.statements:
                 body = buf[start + 5 : stop]
                 portal_end, name, offset = split_bind(body)
                 statement = _known(client, name)
@@ -172,7 +174,7 @@ def rewrite_requests(
                     if client.batch_copy is None:
                         client.batch_copy = bytearray()  # keep this request (see replan)
         elif typ == 68:  # Describe
-            if tracking:
+            if tracking and client.statements:
                 kind, name = split_target(buf[start + 5 : stop], "Describe")
                 statement = _known(client, name) if kind == STATEMENT else None
                 if statement is not None:
