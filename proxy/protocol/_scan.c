@@ -8,6 +8,11 @@
  * Why C: a COPY or a large result is one small message per row (10 million messages
  * per GB at ~100 bytes a row), and walking their headers in Python was most of the
  * pooler's CPU per byte relayed.
+ *
+ * The client side's walk stays in Python: tried in C, the call with its state in and
+ * out cost as much as the loop for the one message of a simple Query (relay_cpu:
+ * simple 4.8 -> 5.0 us, extended 6.6 -> 6.4), and clients send bulk COPY data in
+ * 8-32 KB messages, so there is no per-row kernel on that side.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -117,8 +122,11 @@ static PyMethodDef scan_methods[] = {
 };
 
 static struct PyModuleDef scan_module = {
-    PyModuleDef_HEAD_INIT, "_scan", "BackendStream's header walk in C (optional).", 0,
-    scan_methods,
+    PyModuleDef_HEAD_INIT,
+    .m_name = "_scan",
+    .m_doc = "BackendStream's header walk in C (optional).",
+    .m_size = 0,
+    .m_methods = scan_methods,
 };
 
 PyMODINIT_FUNC
