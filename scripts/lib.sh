@@ -69,6 +69,24 @@ ensure_venv() {
     fi
 }
 
+# For the optional C stream scanner (setup.py): a C compiler and Python's headers,
+# installed with apt-get when missing and possible. Without them pgmux builds anyway and
+# scans in Python.
+ensure_c_build_tools() {
+    local wanted=()
+    command -v cc >/dev/null 2>&1 || wanted+=(gcc libc6-dev)
+    if ! "$VENV/bin/python" -c 'import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
+        wanted+=("python3-dev")  # Debian's own python3 keeps its headers there
+    fi
+    ((${#wanted[@]})) || return 0
+    if command -v apt-get >/dev/null 2>&1 && { [[ $EUID -eq 0 ]] || command -v sudo >/dev/null 2>&1; }; then
+        apt_install "${wanted[@]}" || log "could not install ${wanted[*]}: pgmux will scan in Python"
+    else
+        log "no ${wanted[*]}: pgmux will build without its C scanner and scan in Python"
+    fi
+}
+
 # pip install -e SPEC into .venv, skipped when already done for this pyproject.toml,
 # setup.py and C scanner (PGMUX_REINSTALL=1 forces it).
 pip_install_project() {
@@ -80,11 +98,7 @@ pip_install_project() {
     if [[ ${PGMUX_REINSTALL:-} != 1 && -f $stamp && "$(<"$stamp")" == "$want" ]]; then
         return
     fi
-    if ! command -v cc >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 &&
-        { [[ $EUID -eq 0 ]] || command -v sudo >/dev/null 2>&1; }; then
-        # For the optional C stream scanner (setup.py); without it pgmux scans in Python.
-        apt_install gcc libc6-dev || log "no C compiler: pgmux will use its Python scanner"
-    fi
+    ensure_c_build_tools
     log "pip install -e '$spec'"
     (cd "$ROOT" && "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$spec")
     printf '%s\n' "$want" >"$stamp"
