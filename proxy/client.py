@@ -517,14 +517,18 @@ class ClientConnection(asyncio.Protocol):
         self.cancel_pid, self.cancel_key = self.registry.register_cancel_key(self)
         rest = self.login.take_rest() if self.login is not None else b""
         self.login = None
-        if self.greeting:
-            self.transport.write(self.greeting)  # before the console's welcome
-            self.greeting = b""
+        self.flush_greeting()  # before the console's welcome
         self.admin = self.registry.open_admin(self)
         if self.registry.config.log_connections:
             log.info("%s: admin console login ok", self)
         if rest:
             self.admin.data_received(rest)
+
+    def flush_greeting(self) -> None:
+        """Write the login bytes held back for the welcome, if any are left."""
+        if self.greeting:
+            self.transport.write(self.greeting)
+            self.greeting = b""
 
     def _can_welcome(self, pool: Pool) -> bool:
         if pool.params is None:

@@ -18,6 +18,7 @@ import re
 from typing import TYPE_CHECKING
 
 from .auth import (
+    NONCE_BYTES,
     TLS_SERVER_END_POINT,
     AuthError,
     AuthProtocolError,
@@ -74,7 +75,6 @@ TLS_HANDSHAKE_BYTE = 0x16  # a TLS record of type handshake: direct TLS (Postgre
 # Startup parameters that are not session settings.
 _NOT_SETTINGS = frozenset(("user", "database", "options", "replication"))
 _SETTING_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)*\Z")
-SCRAM_NONCE_BYTES = 18  # the server's half of a SCRAM nonce, before base64 (as PostgreSQL)
 _METHOD_NAMES = {"password": "plain"}  # pg_hba.conf's name for cleartext passwords
 
 
@@ -383,7 +383,7 @@ class Login:
         binding = None
         if self.tls and registry.client_tls_cert_hash is not None:
             binding = (TLS_SERVER_END_POINT, registry.client_tls_cert_hash)
-        nonce = base64.b64encode(registry.random_bytes(SCRAM_NONCE_BYTES))
+        nonce = base64.b64encode(registry.random_bytes(NONCE_BYTES))
         self.scram = ScramServerSession(
             secret, nonce=nonce, channel_binding=binding, mock=self.mock
         )
@@ -415,9 +415,7 @@ class Login:
         # welcome, or an error): one write, one segment, as for a password login.
         client.greeting = messages.authentication_sasl_final(reply)
         self._authenticated()
-        if client.greeting:  # the welcome waits for a server: say this much now
-            client.transport.write(client.greeting)
-            client.greeting = b""
+        client.flush_greeting()  # when the welcome waits for a server: say this much now
 
     def _password_ok(self, response: bytes) -> bool:
         """A cleartext or md5 response against whatever kind of secret the user has."""

@@ -81,7 +81,8 @@ QueryDone = Callable[[int, ErrorFields | None], None]
 
 
 def tune_socket(transport: asyncio.BaseTransport, keepalive: bool) -> None:
-    """SO_KEEPALIVE, on TCP sockets only.
+    """SO_KEEPALIVE, on the TCP connections pgmux opens to servers. (Client sockets
+    inherit it from the listening socket, where App.startup sets it.)
 
     TCP_NODELAY (every message is latency) is on already: uvloop and asyncio set it on
     every TCP transport they make (tests/unit/test_socket_options.py holds them to it),

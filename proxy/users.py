@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .auth import ScramSecret, is_md5_secret
+from .auth import ScramSecret, secret_kind
 from .config import Config
 
 
@@ -23,17 +23,8 @@ class Credential:
 
     def __post_init__(self) -> None:
         # Worked out once: every login asks, and the answer takes parsing the secret.
-        object.__setattr__(self, "kind", _secret_kind(self.secret))
-
-
-def _secret_kind(secret: str | None) -> str:
-    if secret is None:
-        return "none"
-    if ScramSecret.is_scram_secret(secret):
-        return "scram"
-    if is_md5_secret(secret):
-        return "md5"
-    return "plain"
+        kind = "none" if self.secret is None else secret_kind(self.secret)
+        object.__setattr__(self, "kind", kind)
 
 
 def static_credential(config: Config, user: str) -> Credential | None:

@@ -14,6 +14,7 @@ from .md5 import is_md5_secret, md5_response, md5_secret, md5_verify
 from .saslprep import saslprep, scram_password_bytes
 from .scram import (
     DEFAULT_ITERATIONS,
+    NONCE_BYTES,
     SCRAM_SHA_256,
     SCRAM_SHA_256_PLUS,
     TLS_SERVER_END_POINT,
@@ -25,6 +26,7 @@ from .userlist import UserlistError, parse_userlist, secret_kind
 
 __all__ = [
     "DEFAULT_ITERATIONS",
+    "NONCE_BYTES",
     "SCRAM_SHA_256",
     "SCRAM_SHA_256_PLUS",
     "TLS_SERVER_END_POINT",

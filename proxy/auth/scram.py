@@ -33,7 +33,7 @@ TLS_SERVER_END_POINT = "tls-server-end-point"
 # (RFC 7677 section 4's minimum), 16-byte salts, 18 raw bytes per nonce half.
 DEFAULT_ITERATIONS = 4096
 _SALT_LEN = 16
-_RAW_NONCE_LEN = 18
+NONCE_BYTES = 18
 # SHA-256 output: the length of StoredKey, ServerKey, ClientKey, proofs and signatures.
 _KEY_LEN = 32
 # PostgreSQL keeps the iteration count in a C int; hashlib needs it to fit a C long too.
@@ -88,7 +88,7 @@ def _is_printable(text: str) -> bool:
 
 
 def _new_nonce() -> str:
-    return _b64encode(secrets.token_bytes(_RAW_NONCE_LEN))
+    return _b64encode(secrets.token_bytes(NONCE_BYTES))
 
 
 def _nonce_arg(nonce: bytes | None) -> str:
