@@ -117,6 +117,7 @@ def build(mode: str, clients: int) -> tuple[list[ClientConnection], ServerConnec
         client = ClientConnection(registry)
         client.transport = NullTransport()  # type: ignore[assignment]
         client.pool = pool
+        client.stats = pool.stats  # as start_session() sets them
         client.login = None
         client.welcomed = True
         client.state = ClientState.IDLE

@@ -132,4 +132,5 @@ def _lookup_failed(user: str, reason: str) -> ProxyError:
         f'cannot verify user "{user}" now: looking it up in PostgreSQL (auth_query) failed',
         hint="the pgmux log has the details",
         sqlstate="28000",
+        reason="auth_query_failed",
     )

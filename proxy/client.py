@@ -30,9 +30,12 @@ from .server import (
     ServerConnection,
 )
 from .session_state import LOAD_TAG
+from .stats import PoolStats
 from .users import Credential
 
 log = logging.getLogger("pgmux.client")
+
+_monotonic = time.monotonic
 
 # Reasons a client's reading is paused (bit mask).
 PAUSE_WAITING = 1  # holds data for a server it does not have yet
@@ -56,6 +59,9 @@ class ClientConnection(asyncio.Protocol):
         "admin",
         "barrier",
         "batch_copy",
+        "busy_since",
+        "bytes_in",
+        "bytes_out",
         "cancel_key",
         "cancel_pid",
         "connected_at",
@@ -72,6 +78,7 @@ class ClientConnection(asyncio.Protocol):
         "paused",
         "pending",
         "pinned",
+        "pinned_at",
         "pool",
         "registry",
         "server",
@@ -80,6 +87,7 @@ class ClientConnection(asyncio.Protocol):
         "state",
         "state_check",
         "statements",
+        "stats",
         "terminating",
         "timer",
         "transport",
@@ -89,6 +97,7 @@ class ClientConnection(asyncio.Protocol):
         "watch",
         "welcomed",
         "write_paused",
+        "xact_since",
     )
 
     def __init__(self, registry: Registry) -> None:
@@ -106,6 +115,7 @@ class ClientConnection(asyncio.Protocol):
         self.user = "?"
         self.dbname = "?"
         self.pool: Pool = None  # type: ignore[assignment]
+        self.stats: PoolStats = None  # type: ignore[assignment]  # the pool's
         self.server: ServerConnection | None = None
         self.fe = FrontendStream(registry.config.max_packet_size)
         self.settings: Settings = ()
@@ -123,6 +133,7 @@ class ClientConnection(asyncio.Protocol):
         self.statements: dict[bytes, Statement] | None = None
         self.state_check = False
         self.pinned: list[str] | None = None
+        self.pinned_at = 0.0  # time.monotonic of the pin (SHOW PINS)
         self.loaded = False
         self.last_sql = b""
         self.trigger_sql = b""  # what made this transaction need a state check
@@ -131,9 +142,17 @@ class ClientConnection(asyncio.Protocol):
         # Pipelined requests held behind one whose effect is not known yet.
         self.barrier = -1
         self.deferred: tuple[bytes, Sequence[FrontendEvent], int, int] | None = None
-        # The janitor's note for client timeouts: ((condition, sent, answered), since, acted).
-        self.watch: tuple[tuple[str, int, int], float, bool] | None = None
+        # The janitor's note for client timeouts:
+        # ((condition, sent, answered), since, acted, warned).
+        self.watch: tuple[tuple[str, int, int], float, bool, bool] | None = None
         self.connected_at = time.monotonic()
+        # When the request now being answered was sent (time.monotonic), read by the
+        # relay once per request for query and transaction times. Negative once it has
+        # been answered: then minus the time of the last request (SHOW request_time).
+        self.busy_since = 0.0
+        self.xact_since = 0.0  # when the open transaction's first request was sent
+        self.bytes_in = 0  # relayed to servers (added to the pool's stats when it leaves)
+        self.bytes_out = 0  # relayed from servers
 
     def __repr__(self) -> str:
         return f"C-{self.id} {self.user}@{self.dbname} {self.addr}"
@@ -194,6 +213,12 @@ class ClientConnection(asyncio.Protocol):
         self._cancel_timer()
         registry = self.registry
         registry.clients.discard(self)
+        stats = self.stats
+        if stats is not None:  # from now on no longer summed from the live clients
+            self.pool.client_count -= 1
+            stats.query_count += self.fe.answered
+            stats.bytes_received += self.bytes_in
+            stats.bytes_sent += self.bytes_out
         if self.cancel_pid:
             registry.cancel_keys.pop(self.cancel_pid, None)
         server = self.server
@@ -228,6 +253,9 @@ class ClientConnection(asyncio.Protocol):
     def _forward(self, server: ServerConnection, data: bytes) -> None:
         if self.terminating:
             return  # whatever follows Terminate is not for any server
+        if self.busy_since <= 0:
+            self.busy_since = _monotonic()  # a new request (see __init__)
+        self.bytes_in += len(data)
         fe = self.fe
         copy_in = fe.copy_in
         try:
@@ -351,6 +379,7 @@ class ClientConnection(asyncio.Protocol):
                 "canceling statement due to user request (it was still waiting for a "
                 "server connection)",
                 sqlstate="57014",  # query_canceled
+                reason="cancelled_while_waiting",
             ),
             fatal=False,
         )
@@ -401,10 +430,11 @@ class ClientConnection(asyncio.Protocol):
     def pin(self, server: ServerConnection, reasons: list[str]) -> None:
         """Session state that cannot follow the client: it keeps this server."""
         new = [reason for reason in reasons if not self.pinned or reason not in self.pinned]
+        if not self.pinned:
+            self.pinned_at = _monotonic()
         self.pinned = reasons
-        counts = self.registry.pin_counts
         for reason in new:
-            counts[reason] = counts.get(reason, 0) + 1
+            self.stats.count_pin(reason)
         if new:
             log.info(
                 "%s: pinned to %s (application_name=%s): %s; statement: %s",
@@ -453,19 +483,21 @@ class ClientConnection(asyncio.Protocol):
 
     # -- errors -------------------------------------------------------------------------
 
-    def send_error(self, error: ProxyError, *, fatal: bool) -> None:
+    def send_error(self, error: ProxyError, *, fatal: bool, ready: bool = True) -> None:
         """The one way pgmux's own errors reach a client.
 
         FATAL closes the connection after the message; ERROR is followed by
-        ReadyForQuery so the session carries on.
+        ReadyForQuery so the session carries on (unless ``ready`` is False: inside an
+        extended-query batch the ReadyForQuery comes with its Sync).
         """
         severity = "FATAL" if fatal else "ERROR"
-        if fatal or not self.welcomed:
-            log.warning("%s: %s %s: %s", self, severity, error.sqlstate, error.message)
-        else:
-            log.info("%s: %s %s: %s", self, severity, error.sqlstate, error.message)
+        registry = self.registry
+        if registry.config.log_pooler_errors:
+            level = logging.WARNING if fatal or not self.welcomed else logging.INFO
+            log.log(level, "%s: %s %s: %s", self, severity, error.sqlstate, error.message)
         if self.state is ClientState.CLOSED or self.transport.is_closing():
             return
+        (self.stats or registry.stats).count_pooler_error(error.reason, error.sqlstate)
         payload = self.greeting + messages.error_response(
             severity, error.sqlstate, error.message, error.detail, error.hint
         )
@@ -474,7 +506,7 @@ class ClientConnection(asyncio.Protocol):
             self.transport.write(payload)
             self.close(f"{error.sqlstate}: {error.message}")
         else:
-            self.transport.write(payload + messages.READY_IDLE)
+            self.transport.write(payload + messages.READY_IDLE if ready else payload)
 
     def fail(self, error: ProxyError) -> None:
         self.send_error(error, fatal=True)
@@ -489,6 +521,9 @@ class ClientConnection(asyncio.Protocol):
         """Authenticated for ``database``: join its pool and say welcome (called by Login)."""
         registry = self.registry
         pool = self.pool = registry.pool_for(database, self.user, credential)
+        stats = self.stats = pool.stats
+        stats.logins += 1
+        pool.client_count += 1
         self.settings = pool.intern(self.settings)
         if pool.mode != "session":
             self.fe.interesting = TRACKED_FRONTEND
@@ -499,6 +534,7 @@ class ClientConnection(asyncio.Protocol):
                 "(server_login_retry)",
                 hint=error.hint,
                 sqlstate=error.sqlstate,
+                reason="server_login_retry",
             )
         if self._can_welcome(pool):
             self._welcome()

@@ -106,6 +106,10 @@ class StatementNames:
         if self._by_key.get(statement.key) is statement:
             del self._by_key[statement.key]
 
+    def count(self) -> int:
+        """Distinct statements known (SHOW MEM)."""
+        return len(self._by_key)
+
     def new_marker(self) -> bytes:
         return MARKER_PREFIX + b"%d" % next(self._markers)
 
@@ -169,6 +173,7 @@ def rewrite_requests(
                 portal_end, name, offset = split_bind(body)
                 statement = _known(client, name)
                 if statement is not None:
+                    server.stats.binds += 1
                     inject = _ensure(client, server, statement, batch)
                     replacement = inject + build_bind(body, portal_end, statement.name, offset)
                     if client.batch_copy is None:
@@ -255,10 +260,14 @@ def _ensure(
     prepared = server.prepared
     if prepared is None:
         prepared = server.prepared = OrderedDict()
+    stats = server.stats
     if statement.name in prepared:
         prepared.move_to_end(statement.name)
+        stats.prepared_hits += 1
         return b""
     prepared[statement.name] = statement
+    stats.prepared_misses += 1
+    stats.server_parses += 1
     ops = _ops(server)
     client.barrier = batch
     if statement.name in server.stale:
@@ -303,12 +312,17 @@ def _parse(
     prepared = server.prepared
     if prepared is None:
         prepared = server.prepared = OrderedDict()
+    stats = server.stats
+    stats.client_parses += 1
     if statement.name in prepared:
         prepared.move_to_end(statement.name)
         ops.append((batch, A_FAKE_PARSE, statement, name))
+        stats.prepared_hits += 1
         return statement.noop_close
     prepared[statement.name] = statement
     ops.append((batch, A_PARSE, statement, name))
+    stats.prepared_misses += 1
+    stats.server_parses += 1
     return statement.parse
 
 

@@ -14,6 +14,7 @@ import logging
 import socket
 import ssl
 import time
+from bisect import bisect_left
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, cast
@@ -54,11 +55,14 @@ from .session_state import (
     STATE_QUERY,
     STATE_TAGS,
 )
+from .stats import DURATION_BOUNDS
 
 if TYPE_CHECKING:
     from .client import ClientConnection
 
 log = logging.getLogger("pgmux.server")
+
+_monotonic = time.monotonic
 
 # Past this many bytes queued towards a peer, stop reading from the other side.
 WRITE_HIGH_WATER = 256 * 1024
@@ -114,6 +118,7 @@ class ServerConnection(asyncio.Protocol):
         "empty_replies",
         "error_fields",
         "fatal",
+        "generation",
         "held",
         "id",
         "idle_since",
@@ -135,6 +140,7 @@ class ServerConnection(asyncio.Protocol):
         "stale",
         "state",
         "statement_mode",
+        "stats",
         "stream",
         "timer",
         "transport",
@@ -147,6 +153,8 @@ class ServerConnection(asyncio.Protocol):
         now = time.monotonic()
         self.registry = registry
         self.pool = pool
+        self.stats = pool.stats
+        self.generation = pool.generation
         self.id = registry.new_server_id()
         self.state = ServerState.CONNECTING
         self.transport: asyncio.Transport | None = None
@@ -289,6 +297,7 @@ class ServerConnection(asyncio.Protocol):
         if self.relaying:
             client = self.client
             assert client is not None
+            client.bytes_out += len(data)
             try:
                 buf, end, events = self.stream.feed(data)
             except ProtocolError as exc:
@@ -356,6 +365,17 @@ class ServerConnection(asyncio.Protocol):
                 fe.on_ready_for_query()
                 if fe.idle:
                     client.batch_copy = None
+                    started = client.busy_since
+                    if started > 0:  # all it sent is answered: count the request
+                        took = _monotonic() - started
+                        client.busy_since = -started
+                        if status == codes.TX_IDLE and not client.xact_since:
+                            # A transaction of one request: the common case, cheapest.
+                            stats = self.stats
+                            stats.one_time += took
+                            stats.one_hist[bisect_left(DURATION_BOUNDS, took)] += 1
+                        else:
+                            self._count_request(client, status, started, took)
                 self.tx_status = status
                 if self.ops or self.markers:
                     batch_done(self, client)
@@ -396,7 +416,7 @@ class ServerConnection(asyncio.Protocol):
                 replacement = self.empty_replies.popleft()  # a request pgmux answered
             elif typ == codes.B_ERROR_RESPONSE:
                 body = buf[start + 5 : stop]
-                self._note_error(body)
+                self.stats.count_error(self._note_error(body).get("C"))
                 retry = None
                 if CACHED_PLAN_ERROR in body:
                     if self.tx_status == codes.TX_IDLE and not (
@@ -455,7 +475,25 @@ class ServerConnection(asyncio.Protocol):
                 client.detach()
                 self.settle(None)
 
-    def _note_error(self, body: bytes) -> None:
+    def _count_request(
+        self, client: ClientConnection, status: int, started: float, took: float
+    ) -> None:
+        """A request answered inside a longer transaction (see PoolStats): its time,
+        and the transaction's when it ended there."""
+        stats = self.stats
+        stats.query_time += took
+        stats.query_hist[bisect_left(DURATION_BOUNDS, took)] += 1
+        since = client.xact_since
+        if status == codes.TX_IDLE:
+            client.xact_since = 0.0
+            took = started + took - since
+            stats.xact_count += 1
+            stats.xact_time += took
+            stats.xact_hist[bisect_left(DURATION_BOUNDS, took)] += 1
+        elif not since:
+            client.xact_since = started
+
+    def _note_error(self, body: bytes) -> ErrorFields:
         fields = messages.parse_fields(body)
         if fields.get("V", fields.get("S")) in ("FATAL", "PANIC"):
             # The server is about to close this connection; never hand it out again.
@@ -463,6 +501,7 @@ class ServerConnection(asyncio.Protocol):
             log.info("%s: server reports %s", self, messages.error_summary(fields))
         if self.error_fields is None:
             self.error_fields = fields
+        return fields
 
     def _internal_event(self, typ: int, buf: bytes, start: int, stop: int) -> None:
         """An interesting message while pgmux, not a client, is in charge of the server."""
@@ -591,6 +630,7 @@ class ServerConnection(asyncio.Protocol):
                 ProxyError(
                     "transaction blocks are not allowed in pool_mode statement",
                     sqlstate="0A000",
+                    reason="statement_mode_transaction",
                     hint="use pool_mode = transaction for this database or user",
                 )
             )
@@ -605,6 +645,7 @@ class ServerConnection(asyncio.Protocol):
                         "transaction blocks are not allowed in pool_mode statement; "
                         "the transaction was rolled back",
                         sqlstate="0A000",
+                        reason="statement_mode_transaction",
                         hint="use pool_mode = transaction for this database or user, "
                         "or run the statements without BEGIN",
                     ),
