@@ -56,6 +56,8 @@ def cancel_query(registry: Registry, request: CancelRequest, source: object) -> 
         server.forward_cancel()
     elif target.state is ClientState.WAITING:
         target.cancel_wait()
+    elif target.state is ClientState.ADMIN and target.admin is not None:
+        target.admin.cancel()  # a console command that waits (PAUSE) stops waiting
 
 
 def _pass_to_worker(registry: Registry, owner: int, request: CancelRequest, source: object) -> None:

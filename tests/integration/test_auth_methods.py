@@ -429,8 +429,8 @@ async def test_admin_console_session(admin_pgmux: PgmuxProcess) -> None:
         assert client.params["server_version"].startswith("pgmux")
         result = await client.simple_query("SHOW VERSION")
         assert result.rows[0][0].startswith("pgmux")  # type: ignore[union-attr]
-        result = await client.simple_query("SHOW POOLS")
-        assert [e["C"] for e in result.errors] == ["0A000"]
+        result = await client.simple_query("SHOW NONSENSE")
+        assert [e["C"] for e in result.errors] == ["08P01"]
         assert result.errors[0]["S"] == "ERROR"
         assert result.status == "I"
         # still usable
