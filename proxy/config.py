@@ -21,6 +21,7 @@ POOL_MODES = ("session", "transaction", "statement")
 AUTH_TYPES = ("trust", "plain", "md5", "scram-sha-256", "cert", "hba")
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 MAX_WORKERS = 64
 # Virtual databases that reach pgmux's admin console instead of PostgreSQL.
 ADMIN_DATABASES = ("pgbouncer", "pgmux")
@@ -38,6 +39,9 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
+    """``[metrics]``: the HTTP endpoint serving /metrics, /healthz and /readyz."""
+
+    enabled: bool = True
     listen_addr: str = "127.0.0.1"
     listen_port: int = 9127
 
@@ -129,8 +133,14 @@ class Config:
     admin_users: tuple[str, ...] = ()
     stats_users: tuple[str, ...] = ()
     log_level: str = "info"
+    log_format: str = "text"
     log_connections: bool = True
     log_disconnections: bool = True
+    log_pooler_errors: bool = True
+    log_stats: bool = True
+    log_statement_text: bool = True
+    stats_period: float = 60.0
+    idle_transaction_warn: float = 60.0
     tcp_keepalive: bool = True
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     databases: Mapping[str, DatabaseConfig] = field(default_factory=dict)
@@ -138,6 +148,8 @@ class Config:
     # Parsed contents of auth_file and auth_hba_file (read at load, like PgBouncer).
     auth_file_users: Mapping[str, str] = field(default_factory=dict)
     hba_rules: tuple[HbaRule, ...] = ()
+    # The file's parsed TOML, for SET in the admin console (which re-parses it changed).
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def pool_mode_for(self, database: DatabaseConfig, user: str) -> str:
         """The user's pool_mode, else the database's, else the global one."""
@@ -285,12 +297,28 @@ def parse_config(raw: Mapping[str, Any], path: str = "<config>") -> Config:
     values["admin_users"] = reader.string_list("admin_users")
     values["stats_users"] = reader.string_list("stats_users")
     values["log_level"] = reader.choice("log_level", "info", LOG_LEVELS)
-    values["log_connections"] = reader.boolean("log_connections", True)
-    values["log_disconnections"] = reader.boolean("log_disconnections", True)
-    values["tcp_keepalive"] = reader.boolean("tcp_keepalive", True)
+    values["log_format"] = reader.choice("log_format", "text", LOG_FORMATS)
+    for name in (
+        "log_connections",
+        "log_disconnections",
+        "log_pooler_errors",
+        "log_stats",
+        "log_statement_text",
+        "tcp_keepalive",
+    ):
+        values[name] = reader.boolean(name, getattr(defaults, name))
+    values["stats_period"] = reader.seconds("stats_period", defaults.stats_period)
+    if values["stats_period"] < 1:
+        raise reader._fail(
+            "stats_period", f"must be at least 1 second, got {values['stats_period']:g}"
+        )
+    values["idle_transaction_warn"] = reader.seconds(
+        "idle_transaction_warn", defaults.idle_transaction_warn
+    )
 
     metrics = reader.table("metrics")
     values["metrics"] = MetricsConfig(
+        enabled=metrics.boolean("enabled", True),
         listen_addr=metrics.string("listen_addr", "127.0.0.1", nonempty=True),
         listen_port=metrics.integer("listen_port", 9127, 1, 65535),
     )
@@ -320,6 +348,7 @@ def parse_config(raw: Mapping[str, Any], path: str = "<config>") -> Config:
         raise ConfigError(f'{path}: auth_hba_file: required when auth_type = "hba"')
     if values["auth_hba_file"]:
         values["hba_rules"] = tuple(_read_hba(path, base, values["auth_hba_file"]))
+    values["raw"] = raw
     config = Config(**values)
     _check_auth(config)
     return config
@@ -559,3 +588,128 @@ def _describe(value: Any) -> str:
     if isinstance(value, list):
         return "a list"
     return repr(value)
+
+
+# -- SHOW CONFIG and SET ------------------------------------------------------------------
+
+# Keys a running pgmux cannot take from RELOAD or SET: they shape its sockets and
+# processes. A reload that changes them logs that a restart is needed, and keeps them.
+RESTART_KEYS = frozenset((
+    "listen_addr", "listen_port", "listen_backlog", "workers", "unix_socket_dir",
+    "unix_socket_mode", "metrics.enabled", "metrics.listen_addr", "metrics.listen_port",
+))  # fmt: skip
+# Config fields that are not top-level settings (tables, derived data, bookkeeping).
+_NOT_ITEMS = frozenset((
+    "path", "metrics", "client_tls", "server_tls", "databases", "users", "auth_file_users",
+    "hba_rules", "raw",
+))  # fmt: skip
+_TLS_FIELDS = ("sslmode", "key_file", "cert_file", "ca_file", "protocols", "ciphers")
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigItem:
+    """One setting as SHOW CONFIG lists it and SET names it."""
+
+    key: str  # "default_pool_size", "client_tls_sslmode", "metrics.listen_port"
+    path: tuple[str, ...]  # where its value lives: ("client_tls", "sslmode")
+    default: Any
+
+    @property
+    def live(self) -> bool:
+        return self.key not in RESTART_KEYS
+
+    def value(self, config: Config) -> Any:
+        value: Any = config
+        for name in self.path:
+            value = getattr(value, name)
+        return value
+
+    def shown(self, config: Config) -> str | None:
+        return format_value(self.key, self.value(config))
+
+    @property
+    def default_text(self) -> str | None:
+        return format_value(self.key, self.default)
+
+    def parse(self, text: str) -> Any:
+        """A SET value (always text) as the TOML value the key takes."""
+        kind = self.default
+        if isinstance(kind, bool):
+            lowered = text.strip().lower()
+            if lowered in ("1", "true", "on", "yes"):
+                return True
+            if lowered in ("0", "false", "off", "no"):
+                return False
+            raise ConfigError(f"{self.key}: must be true or false (or on/off, 1/0), got {text!r}")
+        if isinstance(kind, int):
+            try:
+                return int(text)
+            except ValueError:
+                raise ConfigError(f"{self.key}: must be an integer, got {text!r}") from None
+        if isinstance(kind, float):
+            try:
+                number = float(text)
+            except ValueError:
+                raise ConfigError(
+                    f"{self.key}: must be a number of seconds, got {text!r}"
+                ) from None
+            return int(number) if number.is_integer() else number
+        if isinstance(kind, tuple):
+            return [part for part in text.replace(",", " ").split() if part]
+        return text
+
+
+def format_value(key: str, value: Any) -> str | None:
+    """PgBouncer's SHOW CONFIG style: booleans 0/1, seconds with %g, lists with
+    commas, an unset string as NULL."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return ",".join(value) or None
+    if key == "unix_socket_mode" and isinstance(value, int):
+        return f"0{value:o}"
+    if value == "":
+        return None
+    return str(value)
+
+
+def config_items() -> list[ConfigItem]:
+    """Every top-level setting, sorted by key (as PgBouncer's SHOW CONFIG)."""
+    defaults = Config()
+    items = []
+    for name in Config.__dataclass_fields__:
+        if name not in _NOT_ITEMS:
+            items.append(ConfigItem(name, (name,), getattr(defaults, name)))
+    for leg in ("client_tls", "server_tls"):
+        tls = getattr(defaults, leg)
+        for name in _TLS_FIELDS:
+            items.append(ConfigItem(f"{leg}_{name}", (leg, name), getattr(tls, name)))
+    for name in MetricsConfig.__dataclass_fields__:
+        items.append(
+            ConfigItem(f"metrics.{name}", ("metrics", name), getattr(defaults.metrics, name))
+        )
+    return sorted(items, key=lambda item: item.key)
+
+
+def set_value(config: Config, key: str, text: str) -> Config:
+    """The running config with ``key`` set to ``text`` (the admin console's SET).
+
+    The value is checked exactly as if it were in the file. Raises ConfigError for an
+    unknown key, a key that needs a restart, or a bad value.
+    """
+    items = {item.key: item for item in config_items()}
+    item = items.get(key.lower())
+    if item is None:
+        raise ConfigError(f"unknown setting {key!r} (SHOW CONFIG lists them)")
+    if not item.live:
+        raise ConfigError(
+            f"{item.key} cannot change while pgmux runs: edit {config.path} and restart pgmux"
+        )
+    raw = dict(config.raw)
+    if item.key.startswith("metrics."):
+        raw["metrics"] = {**raw.get("metrics", {}), item.path[1]: item.parse(text)}
+    else:
+        raw[item.key] = item.parse(text)
+    return parse_config(raw, config.path)

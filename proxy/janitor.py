@@ -1,10 +1,11 @@
 """Periodic housekeeping: queue timeouts, idle and old servers, minimum pool sizes,
-settings left behind by departed clients, and the client timeouts
-(client_idle_timeout, idle_transaction_timeout, query_timeout).
+settings left behind by departed clients, the client timeouts (client_idle_timeout,
+idle_transaction_timeout, query_timeout), the stats periods, and the log lines that
+name who holds a pool (a queue formed, a client idle in a transaction too long).
 
-Client timeouts are measured by sampling, so the relay never reads the clock: each
-sweep notes a client's request counters, and a state that persists with unchanged
-counters has lasted at least since the sweep that first saw it (±INTERVAL).
+Client timeouts are measured by sampling, so the relay never reads the clock for
+them: each sweep notes a client's request counters, and a state that persists with
+unchanged counters has lasted at least since the sweep that first saw it (±INTERVAL).
 """
 
 from __future__ import annotations
@@ -15,26 +16,49 @@ import time
 
 from .client import ClientConnection
 from .errors import ProxyError
-from .pool import ClientState, Registry
+from .pool import ClientState, Pool, Registry
 from .protocol import codes
+from .snapshot import STATEMENT_CHARS, client_activity
+from .stats import PoolStats
 
 log = logging.getLogger("pgmux.janitor")
 
 # Often enough that the timeouts are honoured to within half a second.
 INTERVAL = 0.5
+# The "who holds the pool" line: once the oldest waiter has waited this long, and at
+# most once per QUEUE_LOG_INTERVAL per pool; naming up to QUEUE_LOG_HOLDERS clients.
+QUEUE_LOG_AFTER = 1.0
+QUEUE_LOG_INTERVAL = 30.0
+QUEUE_LOG_HOLDERS = 5
+
+
+class Janitor:
+    """The sweeps of one process, and when its current stats period started."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.period_started = time.monotonic()
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(INTERVAL)
+            try:
+                now = time.monotonic()
+                sweep(self.registry, now)
+                if now - self.period_started >= self.registry.config.stats_period:
+                    end_stats_period(self.registry, now - self.period_started)
+                    self.period_started = now
+            except Exception:  # a bug here must not stop future sweeps
+                log.exception("janitor sweep failed")
 
 
 async def run_janitor(registry: Registry) -> None:
-    while True:
-        await asyncio.sleep(INTERVAL)
-        try:
-            sweep(registry, time.monotonic())
-        except Exception:  # a bug here must not stop future sweeps
-            log.exception("janitor sweep failed")
+    await Janitor(registry).run()
 
 
 def sweep(registry: Registry, now: float) -> None:
-    watch_clients = False
+    config = registry.config
+    watch_clients = bool(config.idle_transaction_warn)
     for pool in registry.iter_pools():
         pool.expire_waiters(now)
         pool.close_idle_servers(now)
@@ -44,11 +68,79 @@ def sweep(registry: Registry, now: float) -> None:
         watch_clients = watch_clients or bool(
             pool.client_idle_timeout or pool.idle_transaction_timeout or pool.query_timeout
         )
+        if pool.n_waiting and now - pool.queue_logged_at >= QUEUE_LOG_INTERVAL:
+            log_queue(registry, pool, now)
     if watch_clients:
         for client in list(registry.clients):
             check_client(client, now)
+    if registry.retired:
+        registry.forget_retired()
     if not registry.shutting_down:
         reset_stale_settings(registry)
+
+
+def end_stats_period(registry: Registry, length: float) -> None:
+    """A stats period ended: each pool's counters remember its differences (SHOW
+    STATS_AVERAGES). Live clients' counters are part of the totals, as when read."""
+    live: dict[int, tuple[PoolStats, list[int]]] = {}
+    for pool in registry.iter_pools():
+        live.setdefault(id(pool.stats), (pool.stats, [0, 0, 0]))
+    for client in registry.clients:
+        if client.stats is not None and id(client.stats) in live:
+            counters = live[id(client.stats)][1]
+            counters[0] += client.fe.answered
+            counters[1] += client.bytes_in
+            counters[2] += client.bytes_out
+    for stats, counters in live.values():
+        stats.end_period(stats.totals((counters[0], counters[1], counters[2])), length)
+    registry.admin_stats.end_period(registry.admin_stats.totals(), length)
+
+
+def _statement(registry: Registry, client: ClientConnection) -> str:
+    if not registry.config.log_statement_text:
+        return "(log_statement_text = false)"
+    sql = (client.trigger_sql or client.last_sql)[:STATEMENT_CHARS]
+    return repr(sql.decode("utf-8", "replace")) if sql else "(none yet)"
+
+
+def held_for(client: ClientConnection, now: float) -> float:
+    """How long the client has held its server: its transaction, else its request,
+    else since it was pinned (or, in session mode, since it connected)."""
+    if client.xact_since:
+        return now - client.xact_since
+    if client.busy_since > 0:
+        return now - client.busy_since
+    return now - (client.pinned_at if client.pinned else client.connected_at)
+
+
+def log_queue(registry: Registry, pool: Pool, now: float) -> None:
+    """The pool has a queue: one line naming who holds its servers, longest first."""
+    oldest = next((c for c in pool.waiters if c.state is ClientState.WAITING), None)
+    if oldest is None or now - oldest.wait_started < QUEUE_LOG_AFTER:
+        return
+    pool.queue_logged_at = now
+    holders: list[ClientConnection] = [
+        s.client  # type: ignore[attr-defined]
+        for s in pool.servers
+        if getattr(s, "client", None) is not None
+    ]
+    holders.sort(key=lambda c: held_for(c, now), reverse=True)
+    described = [
+        f"{c} application_name={dict(c.settings).get('application_name', '')!r} "
+        f"{client_activity(c)} for {held_for(c, now):.1f} s, last statement "
+        f"{_statement(registry, c)}"
+        for c in holders[:QUEUE_LOG_HOLDERS]
+    ]
+    log.warning(
+        'pool "%s" has a queue: %d clients waiting (the oldest for %.1f s), %d of %d '
+        "server connections busy; holders: %s",
+        pool.name,
+        pool.n_waiting,
+        now - oldest.wait_started,
+        len(pool.servers),
+        pool.size,
+        "; ".join(described) or "none (servers still connecting)",
+    )
 
 
 def reset_stale_settings(registry: Registry) -> None:
@@ -88,10 +180,24 @@ def check_client(client: ClientConnection, now: float) -> None:
     key = (condition, fe.sent, fe.answered)
     watch = client.watch
     if watch is None or watch[0] != key:
-        client.watch = (key, now, False)
+        client.watch = (key, now, False, False)
         return
-    since, acted = watch[1], watch[2]
+    since, acted, warned = watch[1], watch[2], watch[3]
     lasted = now - since
+    warn = pool.config.idle_transaction_warn
+    if condition == "idle in transaction" and warn and lasted >= warn and not warned:
+        # The leak detector: said once, nothing is done to the client.
+        client.watch = (key, since, acted, True)
+        log.warning(
+            "%s: idle in a transaction for %.0f s (idle_transaction_warn = %g s), holding "
+            "%s; application_name=%r; last statement %s",
+            client,
+            lasted,
+            warn,
+            server,
+            dict(client.settings).get("application_name", ""),
+            _statement(client.registry, client),
+        )
     if not limit or acted or lasted < limit:
         return
     if condition == "idle":
@@ -99,6 +205,7 @@ def check_client(client: ClientConnection, now: float) -> None:
             ProxyError(
                 f"client_idle_timeout: no request for {lasted:.0f} s (limit {limit:g} s)",
                 sqlstate="57P05",  # idle_session_timeout
+                reason="client_idle_timeout",
             )
         )
     elif condition == "idle in transaction":
@@ -107,6 +214,7 @@ def check_client(client: ClientConnection, now: float) -> None:
                 f"idle_transaction_timeout: idle in a transaction for {lasted:.0f} s "
                 f"(limit {limit:g} s); the transaction was rolled back",
                 sqlstate="25P03",  # idle_in_transaction_session_timeout
+                reason="idle_transaction_timeout",
             )
         )
     else:
@@ -117,5 +225,5 @@ def check_client(client: ClientConnection, now: float) -> None:
             lasted,
             limit,
         )
-        client.watch = (key, since, True)
+        client.watch = (key, since, True, warned)
         server.forward_cancel()

@@ -475,6 +475,13 @@ class Login:
         database = config.databases.get(client.dbname)
         if database is None:
             raise _unknown_database(client)
+        if client.dbname in client.registry.disabled_databases:
+            raise ProxyError(
+                f'database "{client.dbname}" is disabled',
+                sqlstate="57P03",  # cannot_connect_now
+                reason="database_disabled",
+                hint="an admin ran DISABLE in the admin console; ENABLE lets clients in again",
+            )
         client.start_session(database, self.credential)
 
 

@@ -4,7 +4,9 @@ This is the one place where connections move between lists and change state (lik
 PgBouncer's objects.c): a server is CONNECTING/LOGIN, IDLE in ``Pool.idle``, ACTIVE
 while linked to a client, or CLOSED; a client is LOGIN, IDLE (logged in, no server),
 WAITING in ``Pool.waiters``, ACTIVE (linked), or CLOSED. Connection code asks the pool
-to make a move; it does not shuffle lists itself.
+to make a move; it does not shuffle lists itself. Live control lands here too: PAUSE
+(no server is handed out, released ones close), generations (RELOAD and RECONNECT:
+servers of an older one close as they come back) and new settings from a reload.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .config import Config, DatabaseConfig, worker_share
 from .errors import ProxyError, QueryWaitTimeout, ServerUnreachable
 from .prepared import StatementNames
-from .users import Credential, SecretCache
+from .stats import PoolStats
+from .users import Credential, SecretCache, static_credential
 
 if TYPE_CHECKING:
     import asyncio
@@ -65,6 +68,7 @@ class PooledServer(Protocol):
     settings: Settings
     created_at: float
     idle_since: float
+    generation: int
 
     def close(self, reason: str) -> None: ...
 
@@ -102,19 +106,26 @@ class Pool:
     """Server connections for one (database, user), and the clients queued for them."""
 
     def __init__(
-        self, settings: PoolSettings, config: Config, open_server: Callable[[Pool], None]
+        self,
+        settings: PoolSettings,
+        config: Config,
+        open_server: Callable[[Pool], None],
+        stats: PoolStats | None = None,
     ) -> None:
-        self.settings = settings
-        self.config = config
         self.name = settings.name
         self.mode = settings.pool_mode
-        self.size = settings.pool_size
-        user = settings.user
-        self.query_wait_timeout = config.timeout_for("query_wait_timeout", user)
-        self.client_idle_timeout = config.timeout_for("client_idle_timeout", user)
-        self.idle_transaction_timeout = config.timeout_for("idle_transaction_timeout", user)
-        self.query_timeout = config.timeout_for("query_timeout", user)
+        self._configure(settings, config)
         self._open_server = open_server
+        # Counters for SHOW STATS and /metrics; a pool replaced by a reload hands its
+        # own to its successor, so totals never go backwards.
+        self.stats = stats if stats is not None else PoolStats()
+        self.generation = 0  # RELOAD/RECONNECT: servers of an older one are closed
+        self.paused = False  # PAUSE: no server is handed out; released ones close
+        # Paused, or servers of an older generation remain: release() looks closer.
+        self.draining = False
+        self.retired = False  # replaced by a reload; serves its clients until they go
+        self.client_count = 0  # logged-in clients of this pool (a retired pool's last)
+        self.queue_logged_at = 0.0  # the janitor's rate limit for the "who holds it" line
         self.idle: deque[PooledServer] = deque()
         self.servers: set[PooledServer] = set()
         self.connecting = 0  # TCP connects in progress (not yet in servers)
@@ -138,6 +149,74 @@ class Pool:
 
     def __repr__(self) -> str:
         return f"<Pool {self.name} {len(self.servers)}+{self.connecting}/{self.size}>"
+
+    def _configure(self, settings: PoolSettings, config: Config) -> None:
+        self.settings = settings
+        self.config = config
+        self.size = settings.pool_size
+        user = settings.user
+        self.query_wait_timeout = config.timeout_for("query_wait_timeout", user)
+        self.client_idle_timeout = config.timeout_for("client_idle_timeout", user)
+        self.idle_transaction_timeout = config.timeout_for("idle_transaction_timeout", user)
+        self.query_timeout = config.timeout_for("query_timeout", user)
+
+    # -- live control ----------------------------------------------------------------
+
+    def reconfigure(self, settings: PoolSettings, config: Config, *, new_servers: bool) -> None:
+        """A reload's settings for this pool. ``new_servers``: how pgmux reaches or logs
+        in to the server changed, so servers of the old settings are replaced."""
+        self._configure(settings, config)
+        if new_servers:
+            self.new_generation("the configuration changed (RELOAD)")
+        excess = len(self.servers) - self.size
+        for server in list(self.idle):
+            if excess <= 0:
+                break
+            server.close(f"pool_size lowered to {self.size} (RELOAD)")
+            excess -= 1
+        self._dispatch()
+
+    def new_generation(self, why: str) -> None:
+        """Servers from now on are a new generation; idle ones of the old close now,
+        busy ones when they are released (RECONNECT, or a reload changed the server)."""
+        self.generation += 1
+        self.last_error = None  # new settings: the old failure says nothing about them
+        for server in list(self.idle):
+            server.close(why)
+        self._update_draining()
+        self._dispatch()
+
+    def set_paused(self, paused: bool) -> None:
+        """PAUSE: transactions running finish, new requests wait in the queue, and every
+        server closes once released (so PostgreSQL can restart); RESUME undoes it."""
+        if paused == self.paused:
+            return
+        self.paused = paused
+        self._update_draining()
+        if paused:
+            for server in list(self.idle):
+                server.close("pool paused (PAUSE)")
+        else:
+            self._dispatch()
+
+    def old_servers(self) -> int:
+        """Servers of an older generation still open (SHOW SERVERS close_needed)."""
+        return sum(1 for server in self.servers if server.generation != self.generation)
+
+    def _update_draining(self) -> None:
+        self.draining = self.paused or self.retired or self.old_servers() > 0
+
+    def _close_released(self, server: PooledServer) -> bool:
+        """While draining: close a released server that must not be reused (True)."""
+        if self.paused:
+            server.close("pool paused (PAUSE): servers close as they are released")
+        elif self.retired and not self.client_count:
+            server.close("its pool was replaced by a reload (pool_mode changed)")
+        elif server.generation != self.generation:
+            server.close("the configuration changed (RELOAD or RECONNECT)")
+        else:
+            return False
+        return True
 
     # -- settings ------------------------------------------------------------------
 
@@ -171,6 +250,7 @@ class Pool:
             server = self.idle.pop()  # LIFO: the most recently used server is warmest
             server.state = ServerState.ACTIVE
             client.state = ClientState.ACTIVE
+            self.stats.server_assignments += 1
             return server
         client.state = ClientState.WAITING
         client.wait_started = time.monotonic()
@@ -189,6 +269,8 @@ class Pool:
         """A clean server comes back: straight to the longest waiter, else idle."""
         if server.state is ServerState.CLOSED:
             return
+        if self.draining and self._close_released(server):
+            return
         now = time.monotonic()
         lifetime = self.config.server_lifetime
         if lifetime and now - server.created_at > lifetime and not self.n_waiting:
@@ -198,6 +280,9 @@ class Pool:
         if waiter is not None:
             server.state = ServerState.ACTIVE
             waiter.state = ClientState.ACTIVE
+            stats = self.stats
+            stats.server_assignments += 1
+            stats.count_wait(now - waiter.wait_started)
             waiter.assign_server(server)
             return
         server.state = ServerState.IDLE
@@ -235,6 +320,8 @@ class Pool:
                 self.idle.remove(server)
         server.state = ServerState.CLOSED
         self.servers.discard(server)
+        if self.draining:
+            self._update_draining()
 
     def server_closed(self, server: PooledServer) -> None:
         """A server connection ended, for whatever reason; forget it."""
@@ -277,6 +364,7 @@ class Pool:
         while (
             self.n_waiting > self.connecting + self.logging_in
             and len(self.servers) + self.connecting < self.size
+            and not self.paused
             and not self._retry_blocked()
         ):
             self.connecting += 1
@@ -349,6 +437,8 @@ class Pool:
         self._dispatch()
 
     def fill_min_pool(self) -> None:
+        if self.paused or self.retired:
+            return
         missing = self.settings.min_pool_size - len(self.servers) - self.connecting
         while missing > 0 and not self._retry_blocked():
             missing -= 1
@@ -414,8 +504,19 @@ class Registry:
         ] = _no_auth_query
         self.secrets = SecretCache()
         self.statement_names = StatementNames()
-        # How often clients were pinned to a server, by reason (for metrics).
-        self.pin_counts: dict[str, int] = {}
+        # Errors pgmux sent before a client had a pool (login failures and the like),
+        # and the admin console's own commands (its "pgbouncer" row in SHOW STATS).
+        self.stats = PoolStats()
+        self.admin_stats = PoolStats()
+        self.listening = False  # set by the App once every listener is open
+        # Live control (admin console): PAUSE of everything or of some databases
+        # (KILL pauses too), DISABLE of some databases (new logins refused).
+        self.paused = False
+        self.paused_databases: set[str] = set()
+        self.disabled_databases: set[str] = set()
+        # Pools replaced by a reload, still serving the clients they had.
+        self.retired: list[Pool] = []
+        self.started_at = time.time()
         self.salted_password_cache: dict[tuple[bytes, bytes, int], bytes] = {}
         self.mock_key = secrets.token_bytes(32)
         self._random = b""  # see random_bytes
@@ -427,12 +528,14 @@ class Registry:
         self.client_tls_cert_hash = client_tls_cert_hash
 
     def new_client_id(self) -> int:
+        """Unique in the whole instance: with workers, id % workers names the worker
+        (SHOW CLIENTS, KILL_CLIENT, the C-17 in log lines)."""
         self._next_client_id += 1
-        return self._next_client_id
+        return self._next_client_id * self.config.workers + self.worker
 
     def new_server_id(self) -> int:
         self._next_server_id += 1
-        return self._next_server_id
+        return self._next_server_id * self.config.workers + self.worker
 
     def pool_for(self, database: DatabaseConfig, user: str, credential: Credential | None) -> Pool:
         """The pool for (database, user); ``credential`` is what the client logged in
@@ -440,23 +543,104 @@ class Registry:
         key = (database.name, user)
         pool = self.pools.get(key)
         if pool is None:
-            config = self.config
-            settings = PoolSettings(
-                database=database,
-                user=user,
-                server_user=database.user if database.user is not None else user,
-                pool_mode=config.pool_mode_for(database, user),
-                pool_size=self.share(config.pool_size_for(database, user)),
-                min_pool_size=self.share(config.min_pool_size_for(database), minimum=0),
-            )
-            pool = self.pools[key] = Pool(settings, config, self.open_server)
-            if database.user is not None:
-                pool.server_credential = Credential(
-                    database.user, database.password, f"[databases.{database.name}]"
-                )
+            pool = self.pools[key] = self._new_pool(self._pool_settings(database, user))
         if database.user is None and credential is not None:
             pool.server_credential = credential  # auth_query secrets can change
         return pool
+
+    def _pool_settings(self, database: DatabaseConfig, user: str) -> PoolSettings:
+        config = self.config
+        return PoolSettings(
+            database=database,
+            user=user,
+            server_user=database.user if database.user is not None else user,
+            pool_mode=config.pool_mode_for(database, user),
+            pool_size=self.share(config.pool_size_for(database, user)),
+            min_pool_size=self.share(config.min_pool_size_for(database), minimum=0),
+        )
+
+    def _new_pool(self, settings: PoolSettings, stats: PoolStats | None = None) -> Pool:
+        pool = Pool(settings, self.config, self.open_server, stats)
+        database = settings.database
+        if database.user is not None:
+            pool.server_credential = Credential(
+                database.user, database.password, f"[databases.{database.name}]"
+            )
+        pool.set_paused(self.is_paused(database.name))
+        return pool
+
+    # -- live control ----------------------------------------------------------------
+
+    def is_paused(self, database: str) -> bool:
+        return self.paused or database in self.paused_databases
+
+    def update_pause(self) -> None:
+        """Apply the pause state to every pool (after PAUSE, RESUME, KILL)."""
+        for pool in self.iter_pools():
+            pool.set_paused(self.is_paused(pool.settings.database.name))
+
+    def apply_config(self, config: Config, *, server_tls_changed: bool = False) -> list[str]:
+        """Run with a reloaded config from now on; what changed, for the log.
+
+        Pools get their new sizes and timeouts at once. Pools whose server (address,
+        database, login or TLS) changed get a new generation: their servers are
+        replaced as they come back. A pool whose pool_mode changed is replaced by a new
+        one for clients logging in from now on; the old one serves its clients until
+        they leave. Pools of databases no longer configured serve the clients they
+        have; new logins to those databases are refused.
+        """
+        old = self.config
+        self.config = config
+        self.max_client_conn = self.share(config.max_client_conn)
+        changes = []
+        for key, pool in list(self.pools.items()):
+            database = config.databases.get(key[0])
+            if database is None:
+                continue
+            settings = self._pool_settings(database, key[1])
+            old_settings = pool.settings
+            if settings.pool_mode != old_settings.pool_mode:
+                pool.retired = True
+                pool._update_draining()
+                self.retired.append(pool)
+                self.pools[key] = replacement = self._new_pool(settings, pool.stats)
+                replacement.server_credential = pool.server_credential
+                changes.append(
+                    f"pool {pool.name}: pool_mode {old_settings.pool_mode} -> "
+                    f"{settings.pool_mode} for new clients"
+                )
+                continue
+            new_servers = server_tls_changed or _server_changed(old_settings.database, database)
+            user = key[1]
+            if database.user is None:
+                before, after = static_credential(old, user), static_credential(config, user)
+                if (before and before.secret) != (after and after.secret):
+                    new_servers = True
+                    if after is not None and after.secret is not None:
+                        pool.server_credential = after
+            elif new_servers:
+                pool.server_credential = Credential(
+                    database.user, database.password, f"[databases.{database.name}]"
+                )
+            if settings.pool_size != old_settings.pool_size:
+                changes.append(
+                    f"pool {pool.name}: pool_size {old_settings.pool_size} -> {settings.pool_size}"
+                )
+            if new_servers:
+                changes.append(f"pool {pool.name}: server settings changed, reconnecting")
+            pool.reconfigure(settings, config, new_servers=new_servers)
+        for pool in self.retired:
+            pool._configure(pool.settings, config)
+        return changes
+
+    def forget_retired(self) -> None:
+        """Retired pools whose last client has left: close their idle servers, and drop
+        them once no server is left."""
+        for pool in self.retired:
+            if not pool.client_count:
+                for server in list(pool.idle):
+                    server.close("its pool was replaced by a reload (pool_mode changed)")
+        self.retired = [p for p in self.retired if p.client_count or p.servers or p.connecting]
 
     def share(self, total: int, minimum: int = 1) -> int:
         """This worker's part of a configured limit (all of it without workers)."""
@@ -488,7 +672,18 @@ class Registry:
         return self._random[pos : pos + n]
 
     def iter_pools(self) -> Iterator[Pool]:
-        return iter(list(self.pools.values()))
+        """The pools, and those retired by a reload that still serve their clients."""
+        return iter([*self.pools.values(), *self.retired])
+
+
+def _server_changed(old: DatabaseConfig, new: DatabaseConfig) -> bool:
+    return (old.host, old.port, old.dbname, old.user, old.password) != (
+        new.host,
+        new.port,
+        new.dbname,
+        new.user,
+        new.password,
+    )
 
 
 def _no_server_opener(pool: Pool) -> None:

@@ -3,10 +3,13 @@
 Each worker is ``python -m proxy --config PATH --worker I ...`` (hidden arguments): a
 whole pgmux with its own event loop, pools and clients. Workers bind the TCP port with
 SO_REUSEPORT so the kernel spreads new connections over them. The supervisor binds the
-unix socket once and hands it down, forwards SIGTERM/SIGINT, restarts a worker that
-dies (with backoff), and exits when every worker has. It never forks a running event
-loop: workers are fresh interpreters. A socketpair per worker carries "ready" up and,
-by closing, tells a worker that its supervisor is gone, so no worker outlives it.
+unix socket once and hands it down, forwards SIGTERM/SIGINT (and SIGHUP, SIGUSR1,
+SIGUSR2), restarts a worker that dies (with backoff), and exits when every worker has.
+It also serves /metrics and logs the stats line for the whole instance, from the
+workers' snapshots (peers.py). It never forks a running event loop: workers are fresh
+interpreters. A socketpair per worker carries "ready" (and "stopping", after a
+console SHUTDOWN) up and, by closing, tells a worker that its supervisor is gone, so
+no worker outlives it.
 """
 
 from __future__ import annotations
@@ -26,11 +29,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
-from .config import Config, worker_share_warnings
+from .config import Config, ConfigError, load_config, worker_share_warnings
+from .metrics import MetricsServer
+from .peers import gather_snapshots
+from .snapshot import NoSnapshot, Snapshot, merge
+from .stats_log import run_stats_log
 
 log = logging.getLogger("pgmux.workers")
 
-READY = b"R"  # a worker's one message to its supervisor: listening
+READY = b"R"  # a worker's first message to its supervisor: listening
+STOPPING = b"Q"  # ... and maybe a second: SHUTDOWN from the console, do not restart me
 FIRST_RESTART_DELAY = 0.5  # seconds; doubles per quick death, up to the maximum
 MAX_RESTART_DELAY = 30.0
 STABLE_AFTER = 60.0  # a worker that ran this long restarts at the first delay again
@@ -62,6 +70,10 @@ class SupervisorLink(asyncio.Protocol):
     def ready(self) -> None:
         if self.transport is not None:
             self.transport.write(READY)
+
+    def stopping(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(STOPPING)
 
     def data_received(self, data: bytes) -> None:
         pass  # the supervisor says nothing; signals carry its orders
@@ -98,6 +110,7 @@ class Supervisor:
         self.failed = False
         self.signals = 0
         self.stopping: asyncio.Event | None = None
+        self.metrics: MetricsServer | None = None
 
     def run(self) -> int:
         # Private: only pgmux's user may reach the workers' cancel sockets in here.
@@ -122,10 +135,63 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+            loop.add_signal_handler(sig, self._pass_on, sig)
         log.info("pgmux supervisor (pid %d): starting %d workers", os.getpid(), self.count)
-        await asyncio.gather(*(self._keep_running(index) for index in range(self.count)))
+        config = self.config
+        if config.metrics.enabled:
+            metrics = self.metrics = MetricsServer(self.snapshot, self._health)
+            try:
+                await metrics.start(config.metrics.listen_addr, config.metrics.listen_port)
+            except OSError as exc:
+                log.error(
+                    "cannot serve metrics on %s:%d: %s ([metrics] listen_addr/listen_port)",
+                    config.metrics.listen_addr,
+                    config.metrics.listen_port,
+                    exc.strerror or exc,
+                )
+                return 1
+        stats = loop.create_task(
+            run_stats_log(
+                self.snapshot, lambda: self.config.stats_period, lambda: self.config.log_stats
+            )
+        )
+        try:
+            await asyncio.gather(*(self._keep_running(index) for index in range(self.count)))
+        finally:
+            stats.cancel()
+            if self.metrics is not None:
+                self.metrics.close()
         log.info("pgmux stopped: all %d workers exited", self.count)
         return 1 if self.failed else 0
+
+    async def snapshot(self) -> Snapshot:
+        """The whole instance: every worker's snapshot, merged."""
+        snaps, missing = await gather_snapshots(self.directory, sorted(self.ready), [])
+        for line in missing:
+            log.warning("%s", line)
+        if not snaps:
+            raise NoSnapshot("no worker is ready yet" if not missing else "; ".join(missing))
+        return merge(snaps)
+
+    def _health(self) -> list[str]:
+        """Why the instance is not whole: workers not running or not ready yet."""
+        return [
+            f"worker {index} is not running" for index in range(self.count)
+            if index not in self.ready
+        ]  # fmt: skip
+
+    def _pass_on(self, sig: int) -> None:
+        """SIGHUP (reload), SIGUSR1 (pause), SIGUSR2 (resume): each worker acts itself."""
+        name = signal.Signals(sig).name
+        log.info("%s: passing it on to the workers", name)
+        if sig == signal.SIGHUP:
+            # Its own stats_period and log_stats; each worker logs why a reload failed.
+            with contextlib.suppress(ConfigError):
+                self.config = load_config(self.config_path)
+        for proc in self.procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(sig)
 
     def _on_signal(self, sig: int) -> None:
         assert self.stopping is not None
@@ -155,9 +221,14 @@ class Supervisor:
                     proc.send_signal(signal.SIGTERM)
                 log.info("worker %d started (pid %d)", index, proc.pid)
                 # READY once it listens; nothing (EOF) if it died first.
-                if await asyncio.get_running_loop().sock_recv(link, 1) == READY:
+                loop = asyncio.get_running_loop()
+                watch = None
+                if await loop.sock_recv(link, 1) == READY:
                     self._worker_ready(index, proc.pid)
+                    watch = loop.create_task(self._watch_link(index, link))
                 code = await proc.wait()
+                if watch is not None:
+                    watch.cancel()
             finally:
                 link.close()
                 self.procs.pop(index, None)
@@ -212,6 +283,16 @@ class Supervisor:
         finally:
             child_end.close()
         return proc, link
+
+    async def _watch_link(self, index: int, link: socket.socket) -> None:
+        """After READY a worker says STOPPING only after a console SHUTDOWN: every
+        worker runs it, and none is restarted."""
+        stopping = self.stopping
+        assert stopping is not None
+        while await asyncio.get_running_loop().sock_recv(link, 1) == STOPPING:
+            if not stopping.is_set():
+                log.info("worker %d: SHUTDOWN from the admin console; stopping", index)
+                stopping.set()
 
     def _worker_ready(self, index: int, pid: int) -> None:
         self.ready.add(index)

@@ -12,6 +12,7 @@ from proxy.config import (
     Config,
     ConfigError,
     DatabaseConfig,
+    MetricsConfig,
     TLSConfig,
     UserConfig,
     load_config,
@@ -29,7 +30,7 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
     config = load_config(example)
     assert config.databases["app"].dbname == "app"
     text = example.read_text()
-    derived = ("path", "databases", "users", "metrics", "auth_file_users", "hba_rules")
+    derived = ("path", "databases", "users", "metrics", "auth_file_users", "hba_rules", "raw")
     for f in dataclasses.fields(Config):
         if f.name in derived:
             continue
@@ -39,6 +40,9 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
                 assert re.search(rf"^{key} = ", text, re.M), f"{key} missing in the example"
             continue
         assert re.search(rf"^{f.name} = ", text, re.M), f"{f.name} missing in the example"
+    metrics = text[text.index("[metrics]") :]
+    for f in dataclasses.fields(MetricsConfig):
+        assert re.search(rf"^{f.name} = ", metrics, re.M), f"metrics.{f.name} missing"
     for cls, section in ((DatabaseConfig, "databases"), (UserConfig, "users")):
         for f in dataclasses.fields(cls):
             if f.name != "name":
