@@ -13,8 +13,9 @@ import sys
 from collections.abc import Callable
 
 from . import __version__
-from .app import App
+from .app import App, StartupError
 from .config import ConfigError, load_config
+from .logs import setup_logging
 from .tls import client_facing_context, server_facing_context
 from .workers import WorkerSlot, run_supervisor
 
@@ -54,7 +55,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     worker: WorkerSlot | None = None
-    tag = ""
     if args.worker is not None:
         worker = WorkerSlot(
             index=args.worker,
@@ -63,13 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             control_fd=args.worker_control_fd,
             unix_fd=args.worker_unix_fd,
         )
-        tag = f"[worker {args.worker}] "  # client ids (C-17) are per worker
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format=f"%(asctime)s.%(msecs)03d %(levelname)s %(name)s {tag}%(message)s",
-        datefmt="%Y-%m-%d %H:%M:%S",
-        stream=sys.stderr,
-    )
+    setup_logging(config, args.worker)
     try:
         if worker is None and config.workers > 1:
             return run_supervisor(config, args.config)
@@ -84,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
             exc.strerror or exc,
             args.config,
         )
+        return 1
+    except StartupError as exc:
+        log.error("%s", exc)
         return 1
     except KeyboardInterrupt:
         pass
