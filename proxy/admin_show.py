@@ -355,7 +355,7 @@ SHOW_COMMANDS: dict[str, Show] = {
     "state": Show((), [("key", TEXT), ("value", TEXT)], _state),
     "mem": Show(
         (MEM,),
-        [("name", TEXT), ("size", INT4), ("used", INT4), ("free", INT4), ("memtotal", INT8)],
+        [("name", TEXT), ("size", INT4), ("used", INT4), ("free", INT4), ("memtotal", INT4)],
         _mem,
     ),
     "pins": Show(

@@ -112,7 +112,7 @@ def encode_numeric(value: Decimal) -> bytes:
     while groups and groups[0] == 0:  # leading ones move the weight
         groups.pop(0)
         weight -= 1
-    if not groups:
-        weight = 0
+    if not groups:  # zero: PostgreSQL has no negative zero (-0.0 is sent as 0)
+        weight, sign = 0, 0
     header = struct.pack("!hhHh", len(groups), weight, 0x4000 if sign else 0, dscale)
     return header + b"".join(struct.pack("!H", g) for g in groups)
