@@ -333,7 +333,10 @@ def _refused(
     if found is None:
         return None
     feature, reason = found
-    log.info("%s: refused %s (session_state = error): %.200s", client, feature, sql)
+    shown: object = (
+        sql if client.registry.config.log_statement_text else "(log_statement_text = false)"
+    )
+    log.info("%s: refused %s (session_state = error): %.200s", client, feature, shown)
     return _marker(
         client,
         server,
