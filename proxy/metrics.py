@@ -101,6 +101,17 @@ def metric_families(snap: Snapshot) -> Iterator[Metric]:
         "pgmux_paused", "1 while PAUSE (of all databases) is in effect",
         value=int(snap["state"]["paused"]),
     )  # fmt: skip
+    lists = snap["lists"]
+    yield GaugeMetricFamily(
+        "pgmux_client_connections",
+        "Client connections, logging in and logged in (max_client_conn counts these)",
+        value=lists["used_clients"] + lists["login_clients"],
+    )
+    yield GaugeMetricFamily(
+        "pgmux_max_client_connections",
+        "max_client_conn: client connections allowed",
+        value=snap["max_client_conn"],
+    )
     yield from _database_families(snap)
     pools = [p for p in snap["pools"] if not p.get("admin")]
     for suffix, field, text in _POOL_GAUGES:
@@ -108,6 +119,14 @@ def metric_families(snap: Snapshot) -> Iterator[Metric]:
         for p in pools:
             family.add_metric([p["database"], p["user"]], p[field])
         yield family
+    family = GaugeMetricFamily(
+        "pgmux_pools_pool_size",
+        "Server connections this pool may open (its user's pool_size, else the database's)",
+        labels=POOL_LABELS,
+    )
+    for p in pools:
+        family.add_metric([p["database"], p["user"]], p["pool_size"])
+    yield family
     family = GaugeMetricFamily(
         "pgmux_pools_client_maxwait_seconds",
         "How long the oldest queued client has waited",

@@ -103,6 +103,7 @@ def take(registry: Registry, parts: Iterable[str] = ()) -> Snapshot:
         "time": wall,
         "started": registry.started_at,
         "stats_period": registry.config.stats_period,
+        "max_client_conn": registry.config.max_client_conn,  # the instance's, not a share
         "state": {
             "paused": registry.paused,
             "paused_databases": sorted(registry.paused_databases),
@@ -476,6 +477,7 @@ def merge(snaps: list[Snapshot]) -> Snapshot:
         "time": max(s["time"] for s in snaps),
         "started": min(s["started"] for s in snaps),
         "stats_period": first["stats_period"],
+        "max_client_conn": first["max_client_conn"],
         "state": {
             "paused": any(s["state"]["paused"] for s in snaps),
             "paused_databases": sorted({d for s in snaps for d in s["state"]["paused_databases"]}),
