@@ -123,6 +123,12 @@ def parse_command(sql: str) -> Command | None:
 
 
 def _invalid(text: str) -> AdminError:
+    words = text.lower().rstrip(";").split()
+    if words in (["show"], ["select"]):
+        return AdminError(
+            f"invalid command '{text}', use SHOW HELP;",
+            hint="SHOW needs an item: " + ", ".join(name.upper() for name in SHOW_COMMANDS),
+        )
     close = difflib.get_close_matches(" ".join(text.lower().split()), _ALL_COMMANDS, n=1)
     hint = f"did you mean {close[0].upper()}?" if close else "SHOW HELP lists the commands"
     return AdminError(f"invalid command '{text}', use SHOW HELP;", hint=hint)
@@ -388,6 +394,16 @@ class AdminSession:
             )
         except AdminError as exc:
             self._fail(exc, ready)
+        except Exception as exc:  # a bug: answer anyway, or the session would hang
+            log.exception("%s: admin command %r failed", self.client, command.text[:200])
+            self._fail(
+                ProxyError(
+                    f"internal error in pgmux running {command.text[:200]!r}: {exc!r}",
+                    sqlstate="XX000",
+                    hint="the pgmux log has the traceback",
+                ),
+                ready,
+            )
         finally:
             self.busy = False
             self.cancelled.clear()

@@ -134,13 +134,16 @@ def _connection_rows(snap: Snapshot, kind: str) -> list[Row]:
     mine, theirs = ("C", "S") if kind == CLIENTS else ("S", "C")
     rows = []
     for c in sorted(snap[kind], key=lambda r: r["id"]):
-        if kind == CLIENTS and c["state"] in ("login", "admin"):
-            continue  # PgBouncer lists neither logins in progress nor console sessions
+        state = c["state"]
+        if state == "login":
+            continue  # PgBouncer does not list logins in progress
+        if state == "admin":
+            state = "active"  # a console session, as PgBouncer lists it
         wait_s, wait_us = _split_seconds(c["wait"])
         link = c["link"]
         rows.append(
             [
-                mine, c["user"], c["database"], "none", c["state"], c["addr"], c["port"],
+                mine, c["user"], c["database"], "none", state, c["addr"], c["port"],
                 c["local_addr"], c["local_port"], format_time(c["connect_time"]),
                 format_time(c["request_time"]), wait_s, wait_us, int(c.get("close_needed", 0)),
                 f"{mine}-{c['id']}", f"{theirs}-{link}" if link is not None else "",

@@ -445,7 +445,8 @@ def _memory(registry: Registry) -> list[dict[str, Any]]:
             rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         pass
-    rows.append({"name": "process_rss", "size": rss, "used": 1})
+    # In KiB: PgBouncer's SHOW MEM columns are int4, which bytes outgrow at 2 GiB.
+    rows.append({"name": "process_rss_kib", "size": rss // 1024, "used": 1})
     return rows
 
 
