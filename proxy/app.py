@@ -319,8 +319,10 @@ class App:
         if self._shutdown_mode == "wait_for_clients" and not self._force:
             log.info("waiting for %d clients to disconnect (WAIT_FOR_CLIENTS)",
                      len(registry.clients))  # fmt: skip
+            registry.serving_until_clients_leave = True  # their requests still run
             while registry.clients and not self._force:
                 await asyncio.sleep(0.05)
+            registry.serving_until_clients_leave = False
         # Idle clients go now; clients in a transaction may finish it first.
         while True:
             for client in list(registry.clients):

@@ -492,6 +492,9 @@ class Registry:
         self.clients: set[Any] = set()
         self.cancel_keys: dict[int, Any] = {}
         self.shutting_down = False
+        # SHUTDOWN WAIT_FOR_CLIENTS: while shutting down, connected clients are still
+        # served (their requests get servers) until they leave.
+        self.serving_until_clients_leave = False
         self._next_client_id = 0
         self._next_server_id = 0
         self.open_server: Callable[[Pool], None] = _no_server_opener
