@@ -290,8 +290,8 @@ def _pins(snap: Snapshot, config: Config) -> list[Row]:
             [
                 c["id"], c["user"], c["database"], c["link"], c["remote_pid"],
                 c["pin_reason"], format_time(c["pinned_at"], millis=True),
-                round(pinned_for, 3), c["application_name"], c["addr"], c["last_statement"],
-                c["worker"],
+                round(pinned_for, 3), c["application_name"], c["addr"], c["pinned_by"],
+                c["last_statement"], c["worker"],
             ]
         )  # fmt: skip
     return rows
@@ -367,7 +367,7 @@ SHOW_COMMANDS: dict[str, Show] = {
             ("client_id", INT4), ("user", TEXT), ("database", TEXT), ("server_id", INT4),
             ("remote_pid", INT4), ("pin_reason", TEXT), ("pinned_since", TEXT),
             ("pinned_seconds", NUMERIC), ("application_name", TEXT), ("addr", TEXT),
-            ("last_statement", TEXT), ("worker", INT4),
+            ("pinned_by", TEXT), ("last_statement", TEXT), ("worker", INT4),
         ],
         _pins,
     ),

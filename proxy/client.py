@@ -79,6 +79,7 @@ class ClientConnection(asyncio.Protocol):
         "pending",
         "pinned",
         "pinned_at",
+        "pinned_by",
         "pool",
         "registry",
         "server",
@@ -134,6 +135,7 @@ class ClientConnection(asyncio.Protocol):
         self.state_check = False
         self.pinned: list[str] | None = None
         self.pinned_at = 0.0  # time.monotonic of the pin (SHOW PINS)
+        self.pinned_by = b""  # the statement that pinned it (SHOW PINS)
         self.loaded = False
         self.last_sql = b""
         self.trigger_sql = b""  # what made this transaction need a state check
@@ -292,7 +294,8 @@ class ClientConnection(asyncio.Protocol):
         if data[0] == codes.F_TERMINATE and len(data) == 5 and not self.fe.partial:
             self.close("client sent Terminate")
             return
-        if self.registry.shutting_down:
+        registry = self.registry
+        if registry.shutting_down and not registry.serving_until_clients_leave:
             self.fail(ShuttingDown("pooler is shutting down; reconnect to another instance"))
             return
         server: ServerConnection | None = self.pool.acquire(self)  # type: ignore[assignment]
@@ -436,13 +439,16 @@ class ClientConnection(asyncio.Protocol):
         for reason in new:
             self.stats.count_pin(reason)
         if new:
+            self.pinned_by = self.trigger_sql or self.last_sql
             log.info(
                 "%s: pinned to %s (application_name=%s): %s; statement: %s",
                 self,
                 server,
                 dict(self.settings).get("application_name", ""),
                 ", ".join(new),
-                (self.trigger_sql or self.last_sql)[:200].decode("utf-8", "replace"),
+                self.pinned_by[:200].decode("utf-8", "replace")
+                if self.registry.config.log_statement_text
+                else "(log_statement_text = false)",
             )
         self.trigger_sql = b""
 

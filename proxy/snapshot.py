@@ -381,6 +381,7 @@ def _client_row(registry: Registry, client: Any, offset: float) -> dict[str, Any
         "pin_reason": ", ".join(client.pinned) if client.pinned else None,
         "last_statement": _statement(registry, client.last_sql),
         "pinned_at": client.pinned_at + offset if client.pinned else None,
+        "pinned_by": _statement(registry, client.pinned_by) if client.pinned else None,
     }
 
 

@@ -651,7 +651,14 @@ async def test_pins(pgmux_factory: PgmuxFactory) -> None:
         assert lock["database"] == APP_DB and lock["addr"] == "127.0.0.1", dict(lock)
         assert isinstance(lock["pinned_seconds"], Decimal) and lock["pinned_seconds"] >= 0
         assert lock["pinned_since"] is not None and lock["worker"] == 0, dict(lock)
+        assert lock["pinned_by"] == lock["last_statement"], dict(lock)
         assert pins["listener"]["pin_reason"] == "LISTEN", dict(pins["listener"])
+
+        # A later statement moves last_statement on; pinned_by still names the lock.
+        assert await locker.fetchval("SELECT 'after the pin'") == "after the pin"
+        lock = {r["application_name"]: r for r in await admin.fetch("SHOW PINS")}["locker"]
+        assert lock["last_statement"] == "SELECT 'after the pin'", dict(lock)
+        assert lock["pinned_by"] == "SELECT pg_backend_pid() FROM pg_advisory_lock(7)"
 
         clients = {r["application_name"]: r for r in await admin.fetch("SHOW CLIENTS")}
         for name, pin in pins.items():

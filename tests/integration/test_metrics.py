@@ -67,6 +67,7 @@ POOL_GAUGES = (
     "pgmux_pools_server_login_connections",
     "pgmux_pools_server_pinned_connections",
     "pgmux_pools_client_maxwait_seconds",
+    "pgmux_pools_pool_size",
 )
 POOL_COUNTERS = (
     "pgmux_stats_sql_transactions_pooled",
@@ -99,7 +100,10 @@ LABELS: dict[str, set[str]] = {
 openmetrics_families: Callable[[str], Iterator[Metric]] = (
     openmetrics_parser.text_string_to_metric_families
 )
-INSTANCE_GAUGES = ("pgmux_up", "pgmux_workers", "pgmux_start_time_seconds", "pgmux_paused")
+INSTANCE_GAUGES = (
+    "pgmux_up", "pgmux_workers", "pgmux_start_time_seconds", "pgmux_paused",
+    "pgmux_client_connections", "pgmux_max_client_connections",
+)  # fmt: skip
 
 
 def expected_labels(family: str) -> set[str]:
@@ -391,6 +395,9 @@ async def test_pool_of_one_with_a_holder_and_a_waiter(pgmux_factory: PgmuxFactor
         assert held.pool("client_maxwait_seconds") > 0
         assert held.value("pgmux_databases_current_client_connections", database=APP_DB) == 2
         assert held.value("pgmux_databases_current_connections", database=APP_DB) == 1
+        assert held.pool("pool_size") == 1
+        assert held.value("pgmux_client_connections") == 2  # A and B
+        assert held.value("pgmux_max_client_connections") == pgmux.config["max_client_conn"]
 
         async with admin_console(pgmux) as admin:
             now = await scrape(pgmux)
