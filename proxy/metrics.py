@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, cast
+from typing import Any
 
 from prometheus_client.core import (
     CollectorRegistry,
@@ -23,6 +23,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import choose_encoder
 
+from .oneshot import OneShot
 from .snapshot import NoSnapshot, Snapshot
 from .stats import DURATION_BOUNDS, WAIT_BOUNDS, sqlstate_class
 
@@ -326,26 +327,19 @@ def _response(
     return head.encode() + body
 
 
-class _HttpConnection(asyncio.Protocol):
+class _HttpConnection(OneShot):
+    terminator = b"\r\n\r\n"
+    limit = MAX_REQUEST
+
     def __init__(self, server: MetricsServer) -> None:
+        super().__init__()
         self.server = server
-        self.buf = b""
-        self.transport: asyncio.Transport | None = None
-        self.task: asyncio.Task[None] | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
+    def too_long(self) -> None:
+        self._send(_response(400, b"request too large\n"), head_only=False)
 
-    def data_received(self, data: bytes) -> None:
-        if self.task is not None:
-            return
-        self.buf += data
-        end = self.buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self.buf) > MAX_REQUEST:
-                self._send(_response(400, b"request too large\n"), head_only=False)
-            return
-        lines = self.buf[:end].decode("latin-1").split("\r\n")
+    def request(self, head: bytes) -> None:
+        lines = head.decode("latin-1").split("\r\n")
         parts = lines[0].split()
         if len(parts) != 3 or not parts[2].startswith("HTTP/"):
             self._send(_response(400, b"bad request line\n"), head_only=False)
@@ -354,9 +348,7 @@ class _HttpConnection(asyncio.Protocol):
         for line in lines[1:]:
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
-        self.task = asyncio.get_running_loop().create_task(
-            self._answer(parts[0], parts[1], headers)
-        )
+        self.start(self._answer(parts[0], parts[1], headers))
 
     async def _answer(self, method: str, path: str, headers: dict[str, str]) -> None:
         try:
@@ -367,10 +359,6 @@ class _HttpConnection(asyncio.Protocol):
         self._send(response, head_only=method == "HEAD")
 
     def _send(self, response: bytes, *, head_only: bool) -> None:
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
         if head_only:
             response = response[: response.find(b"\r\n\r\n") + 4]
-        transport.write(response)
-        transport.close()
+        self.reply(response)

@@ -19,6 +19,7 @@ from typing import Any, cast
 
 from .control import Cancelled, LocalControl, parse_client_id
 from .errors import AdminError
+from .oneshot import OneShot
 from .pool import Registry
 from .snapshot import Snapshot, merge, take
 
@@ -157,7 +158,7 @@ class Console:
         return str(reply["tag"])
 
 
-class PeerListener(asyncio.Protocol):
+class PeerListener(OneShot):
     """One connection on this worker's private socket: one request, one answer.
 
     Only pgmux's own processes can connect (the supervisor's 0700 directory). If the
@@ -165,30 +166,21 @@ class PeerListener(asyncio.Protocol):
     """
 
     def __init__(self, registry: Registry, control: LocalControl) -> None:
+        super().__init__()
         self.registry = registry
         self.control = control
-        self.buf = b""
-        self.transport: asyncio.Transport | None = None
         self.cancelled = asyncio.Event()
-        self.task: asyncio.Task[None] | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        if self.task is not None:
-            return
-        self.buf += data
-        if b"\n" not in self.buf:
-            if len(self.buf) > 65536:
-                self._reply({"ok": False, "error": "request too long", "sqlstate": "08P01"})
-            return
+    def request(self, head: bytes) -> None:
         try:
-            request = json.loads(self.buf)
+            request = json.loads(head)
         except ValueError:
             self._reply({"ok": False, "error": "not a JSON request", "sqlstate": "08P01"})
             return
-        self.task = asyncio.get_running_loop().create_task(self._serve(request))
+        self.start(self._serve(request))
+
+    def too_long(self) -> None:
+        self._reply({"ok": False, "error": "request too long", "sqlstate": "08P01"})
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.cancelled.set()
@@ -213,7 +205,4 @@ class PeerListener(asyncio.Protocol):
             self._reply({"ok": False, "error": f"internal error: {exc!r}", "sqlstate": "XX000"})
 
     def _reply(self, answer: dict[str, Any]) -> None:
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(json.dumps(answer).encode())
-            transport.close()
+        self.reply(json.dumps(answer).encode())

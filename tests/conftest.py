@@ -14,6 +14,8 @@ loads this file, and the helpers import as ``support.pgcluster`` / ``support.pgm
   sub-directory of ``workdir`` and is stopped after the test.
 - ``pgmux``: one pgmux with the default config; ``pool1``: one with a pool of 1.
 - ``su``: a superuser connection to PostgreSQL itself (not through pgmux).
+- ``console``: ``await console(pgmux)`` opens an admin console session (psycopg), closed
+  after the test (``support.admin``).
 
 When a test fails, the log of every pgmux it started is added to the failure report.
 """
@@ -29,8 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.admin import Admin, Console
 from support.certs import CertFiles, make_certs
-from support.helpers import Su, superuser
+from support.helpers import Su, connect_psycopg, superuser
+from support.pgbouncer import ADMIN_PASSWORD, ADMIN_USER
 from support.pgcluster import TLS_ONLY_HBA, PgCluster, free_port
 from support.pgmux import PgmuxFactory, PgmuxProcess, deep_merge, default_config
 
@@ -124,3 +128,19 @@ async def su(pg: PgCluster) -> AsyncIterator[Su]:
     conn = await superuser(pg)
     yield conn
     await conn.close()
+
+
+@pytest.fixture
+async def console() -> AsyncIterator[Console]:
+    opened: list[Admin] = []
+
+    async def connect(
+        pgmux: PgmuxProcess, user: str = ADMIN_USER, password: str = ADMIN_PASSWORD
+    ) -> Admin:
+        conn = await connect_psycopg(pgmux, user, password, "pgbouncer")
+        opened.append(conn)
+        return conn
+
+    yield connect
+    for conn in opened:
+        await conn.close()

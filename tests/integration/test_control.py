@@ -12,13 +12,14 @@ import contextlib
 import datetime
 import subprocess
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Iterator
-from typing import Any, Protocol
+from collections.abc import Awaitable, Iterator
+from typing import Any
 
 import asyncpg
 import psycopg
 import pytest
-from psycopg.rows import dict_row
+import support.loops
+from support.admin import Admin, Console, command, refused, show, start_with_admin
 from support.helpers import (
     Su,
     app_backends,
@@ -29,67 +30,14 @@ from support.helpers import (
     superuser,
     wait_until,
 )
+from support.loops import open_clients
 from support.pgcluster import APP_DB, PgCluster
 from support.pgmux import PgmuxFactory, PgmuxProcess
 
-Admin = psycopg.AsyncConnection[Any]
-
-ADMIN_USERS = {
-    "users": {"admin": {"password": "adminpw"}, "watcher": {"password": "watchpw"}},
-    "stats_users": ["watcher"],
-    # PAUSE holds requests in the queue, where query_wait_timeout still counts.
-    "query_wait_timeout": 60,
-}
 DEADLINE = 30.0  # seconds: generous, the machine is small and shared
 
 
 # -- helpers -----------------------------------------------------------------------------
-
-
-def start(pgmux_factory: PgmuxFactory, **overrides: Any) -> PgmuxProcess:
-    return pgmux_factory({**ADMIN_USERS, **overrides})
-
-
-class Console(Protocol):
-    """The ``console`` fixture: a session on pgmux's admin console, closed after the test."""
-
-    async def __call__(
-        self, pgmux: PgmuxProcess, user: str = "admin", password: str = "adminpw"
-    ) -> Admin: ...
-
-
-@pytest.fixture
-async def console() -> AsyncIterator[Console]:
-    opened: list[Admin] = []
-
-    async def connect(pgmux: PgmuxProcess, user: str = "admin", password: str = "adminpw") -> Admin:
-        conn = await connect_psycopg(pgmux, user, password, "pgbouncer")
-        opened.append(conn)
-        return conn
-
-    yield connect
-    for conn in opened:
-        await conn.close()
-
-
-async def show(admin: Admin, what: str) -> list[dict[str, Any]]:
-    async with admin.cursor(row_factory=dict_row) as cur:
-        await cur.execute(f"SHOW {what}")
-        return await cur.fetchall()
-
-
-async def command(admin: Admin, text: str) -> str | None:
-    """Run a control command; its CommandComplete tag."""
-    async with admin.cursor() as cur:
-        await cur.execute(text)
-        return cur.statusmessage
-
-
-async def refused(admin: Admin, text: str) -> psycopg.Error:
-    """The ERROR a console command is refused with."""
-    with pytest.raises(psycopg.Error) as info:
-        await command(admin, text)
-    return info.value
 
 
 async def state(admin: Admin) -> dict[str, str]:
@@ -145,60 +93,22 @@ def restarting(pg: PgCluster) -> Iterator[None]:
             pg.start()
 
 
-class Loops:
+class Loops(support.loops.Loops):
     """Clients looping short transactions through pgmux until stopped.
 
-    Each transaction reads the postmaster's start time, so transactions run after a
-    restart of PostgreSQL can be told from the ones before it.
+    Each transaction reads the postmaster's start time (``started`` counts them by it),
+    so transactions run after a restart of PostgreSQL can be told from the ones before.
     """
 
     def __init__(self, conns: list[asyncpg.Connection]) -> None:
-        self.conns = conns
-        self.counts = [0] * len(conns)
         self.started: Counter[datetime.datetime] = Counter()
-        self.errors: list[BaseException] = []
-        self._stop = asyncio.Event()
-        self._tasks = [asyncio.create_task(self._loop(i, c)) for i, c in enumerate(conns)]
+        super().__init__(conns, self._transaction)
 
-    async def _loop(self, i: int, conn: asyncpg.Connection) -> None:
-        while not self._stop.is_set():
-            try:
-                async with conn.transaction():
-                    started = await conn.fetchval("SELECT pg_postmaster_start_time()")
-                    assert await conn.fetchval("SELECT $1::int", i) == i
-            except Exception as exc:
-                self.errors.append(exc)
-                return
-            self.counts[i] += 1
-            self.started[started] += 1
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts)
-
-    async def each_did(self, n: int, since: list[int] | None = None) -> None:
-        """Wait until every client completed ``n`` transactions (more than ``since``)."""
-        base = since or [0] * len(self.counts)
-
-        def check() -> bool:
-            assert not self.errors, self.errors
-            return all(c - b >= n for c, b in zip(self.counts, base, strict=True))
-
-        await wait_until(check, DEADLINE, what=f"every client did {n} transactions")
-
-    async def stop(self) -> None:
-        self._stop.set()
-        await asyncio.wait_for(asyncio.gather(*self._tasks, return_exceptions=True), DEADLINE)
-
-
-@contextlib.asynccontextmanager
-async def clients(pgmux: PgmuxProcess, n: int, **kwargs: Any) -> AsyncIterator[list[Any]]:
-    conns = list(await asyncio.gather(*(connect_asyncpg(pgmux, **kwargs) for _ in range(n))))
-    try:
-        yield conns
-    finally:
-        for conn in conns:
-            conn.terminate()
+    async def _transaction(self, i: int, conn: asyncpg.Connection) -> None:
+        async with conn.transaction():
+            started = await conn.fetchval("SELECT pg_postmaster_start_time()")
+            assert await conn.fetchval("SELECT $1::int", i) == i
+        self.started[started] += 1
 
 
 # -- PAUSE and RESUME --------------------------------------------------------------------
@@ -207,10 +117,10 @@ async def clients(pgmux: PgmuxProcess, n: int, **kwargs: Any) -> AsyncIterator[l
 async def test_pause_waits_for_servers_and_resume_releases_the_queue(
     pgmux_factory: PgmuxFactory, console: Console, su: Su
 ) -> None:
-    pgmux = start(pgmux_factory)
+    pgmux = start_with_admin(pgmux_factory)
     admin = await console(pgmux)
     pauser = await console(pgmux)
-    async with clients(pgmux, 8) as conns, clients(pgmux, 2) as (holder, late):
+    async with open_clients(pgmux, 8) as conns, open_clients(pgmux, 2) as (holder, late):
         loops = Loops(conns)
         try:
             await loops.each_did(3)
@@ -270,10 +180,10 @@ async def _waiting(admin: Admin, n: int) -> bool:
 async def test_postgres_restarted_under_pause_without_client_errors(
     pgmux_factory: PgmuxFactory, console: Console, pg: PgCluster
 ) -> None:
-    pgmux = start(pgmux_factory)
+    pgmux = start_with_admin(pgmux_factory)
     admin = await console(pgmux)
     with restarting(pg):
-        async with clients(pgmux, 15) as conns:
+        async with open_clients(pgmux, 15) as conns:
             loops = Loops(conns)
             try:
                 await loops.each_did(3)
@@ -309,7 +219,7 @@ async def test_postgres_restarted_under_pause_without_client_errors(
 async def test_kill_client_ends_exactly_that_client(
     pgmux_factory: PgmuxFactory, console: Console
 ) -> None:
-    pgmux = start(pgmux_factory)
+    pgmux = start_with_admin(pgmux_factory)
     admin = await console(pgmux)
     conns = [await connect_psycopg(pgmux, application_name=f"kill-me-{i}") for i in range(3)]
     try:
@@ -363,7 +273,7 @@ async def test_kill_database_closes_its_clients_and_servers_and_pauses_it(
     pgmux_factory: PgmuxFactory, console: Console, pg: PgCluster, su: Su
 ) -> None:
     other = {"host": pg.host, "port": pg.port, "dbname": APP_DB}
-    pgmux = start(pgmux_factory, databases={"other": other})
+    pgmux = start_with_admin(pgmux_factory, databases={"other": other})
     admin = await console(pgmux)
     bystander = await connect_asyncpg(pgmux, database="other")
     busy = await connect_psycopg(pgmux)
@@ -426,7 +336,7 @@ async def test_disable_refuses_logins_and_enable_lets_them_in(
     pgmux_factory: PgmuxFactory,
     console: Console,
 ) -> None:
-    pgmux = start(pgmux_factory)
+    pgmux = start_with_admin(pgmux_factory)
     admin = await console(pgmux)
     connected = await connect_asyncpg(pgmux)
     try:
@@ -448,7 +358,7 @@ async def test_disable_refuses_logins_and_enable_lets_them_in(
 
         assert await command(admin, "ENABLE app") == "ENABLE"
         assert (await database_row(admin))["disabled"] == 0
-        async with clients(pgmux, 1) as (fresh,):
+        async with open_clients(pgmux, 1) as (fresh,):
             assert await fresh.fetchval("SELECT 10") == 10
     finally:
         await connected.close()
@@ -457,10 +367,10 @@ async def test_disable_refuses_logins_and_enable_lets_them_in(
 async def test_reconnect_replaces_servers_as_released_and_wait_close_waits(
     pgmux_factory: PgmuxFactory, console: Console, su: Su
 ) -> None:
-    pgmux = start(pgmux_factory, default_pool_size=2)
+    pgmux = start_with_admin(pgmux_factory, default_pool_size=2)
     admin = await console(pgmux)
     waiter = await console(pgmux)
-    async with clients(pgmux, 2) as (busy, idle):
+    async with open_clients(pgmux, 2) as (busy, idle):
         await busy.execute("BEGIN")
         old_pid = await busy.fetchval("SELECT pg_backend_pid()")
         other_pid = await idle.fetchval("SELECT pg_backend_pid()")
@@ -500,7 +410,7 @@ async def _pid_gone(su: Su, pid: int) -> bool:
 async def test_stats_user_may_show_but_not_pause(
     pgmux_factory: PgmuxFactory, console: Console
 ) -> None:
-    pgmux = start(pgmux_factory)
+    pgmux = start_with_admin(pgmux_factory)
     watcher = await console(pgmux, "watcher", "watchpw")
     for text in ("PAUSE", "RESUME", "KILL_CLIENT 1", "RELOAD", "SET default_pool_size = 3"):
         error = await refused(watcher, text)
@@ -509,17 +419,17 @@ async def test_stats_user_may_show_but_not_pause(
     # The session goes on, and nothing was paused.
     assert (await state(watcher))["paused"] == "no"
     assert await show(watcher, "VERSION")
-    async with clients(pgmux, 1) as (conn,):
+    async with open_clients(pgmux, 1) as (conn,):
         assert await conn.fetchval("SELECT 11") == 11
 
 
 async def test_cancelling_a_waiting_pause_resumes(
     pgmux_factory: PgmuxFactory, console: Console
 ) -> None:
-    pgmux = start(pgmux_factory)
+    pgmux = start_with_admin(pgmux_factory)
     admin = await console(pgmux)
     pauser = await console(pgmux)
-    async with clients(pgmux, 2) as (holder, other):
+    async with open_clients(pgmux, 2) as (holder, other):
         await holder.execute("BEGIN")
         await holder.fetchval("SELECT 1")
         pause = asyncio.create_task(command(pauser, "PAUSE"))
@@ -548,7 +458,7 @@ async def test_shutdown_wait_for_clients_waits_for_the_last_client(
     pgmux_factory: PgmuxFactory,
     console: Console,
 ) -> None:
-    pgmux = start(pgmux_factory)
+    pgmux = start_with_admin(pgmux_factory)
     admin = await console(pgmux)
     conn = await connect_asyncpg(pgmux)
     try:
@@ -570,7 +480,7 @@ async def test_shutdown_wait_for_clients_waits_for_the_last_client(
 
 
 async def test_shutdown_stops_pgmux_now(pgmux_factory: PgmuxFactory, console: Console) -> None:
-    pgmux = start(pgmux_factory)
+    pgmux = start_with_admin(pgmux_factory)
     admin = await console(pgmux)
     conn = await connect_asyncpg(pgmux)
     try:
@@ -594,9 +504,9 @@ async def test_shutdown_stops_pgmux_now(pgmux_factory: PgmuxFactory, console: Co
 async def test_pause_and_resume_act_on_every_worker(
     pgmux_factory: PgmuxFactory, console: Console, su: Su
 ) -> None:
-    pgmux = start(pgmux_factory, workers=2, default_pool_size=4)
+    pgmux = start_with_admin(pgmux_factory, workers=2, default_pool_size=4)
     admin = await console(pgmux)
-    async with clients(pgmux, 16) as conns:
+    async with open_clients(pgmux, 16) as conns:
         assert {c.get_server_pid() % 2 for c in conns} == {0, 1}  # p = 2**-15 to fail
         loops = Loops(conns)
         try:

@@ -10,83 +10,30 @@ reloads.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator
-from typing import Any, Protocol
 
 import asyncpg
-import psycopg
 import pytest
-from psycopg.rows import dict_row
+from support.admin import Admin, Console, command, refused, show, start_with_admin
 from support.helpers import (
     Su,
     app_backends,
     connect_asyncpg,
-    connect_psycopg,
     counting_backends,
     error_of,
     fetch_all,
     wait_until,
 )
+from support.loops import Loops, open_clients
 from support.pgcluster import APP_DB, APP_USER, PgCluster
 from support.pgmux import PgmuxFactory, PgmuxProcess, deep_merge, to_toml
 
-Admin = psycopg.AsyncConnection[Any]
-
-ADMIN_USERS = {
-    "users": {"admin": {"password": "adminpw"}, "watcher": {"password": "watchpw"}},
-    "stats_users": ["watcher"],
-    "query_wait_timeout": 60,
-}
 DEADLINE = 30.0  # seconds: generous, the machine is small and shared
 SLEEP = "SELECT pg_sleep(0.1)::text"
 
 
 # -- helpers -----------------------------------------------------------------------------
-
-
-def start(pgmux_factory: PgmuxFactory, **overrides: Any) -> PgmuxProcess:
-    return pgmux_factory(deep_merge(ADMIN_USERS, overrides))
-
-
-class Console(Protocol):
-    """The ``console`` fixture: an admin console session, closed after the test."""
-
-    async def __call__(self, pgmux: PgmuxProcess) -> Admin: ...
-
-
-@pytest.fixture
-async def console() -> AsyncIterator[Console]:
-    opened: list[Admin] = []
-
-    async def connect(pgmux: PgmuxProcess) -> Admin:
-        conn = await connect_psycopg(pgmux, "admin", "adminpw", "pgbouncer")
-        opened.append(conn)
-        return conn
-
-    yield connect
-    for conn in opened:
-        await conn.close()
-
-
-async def show(admin: Admin, what: str) -> list[dict[str, Any]]:
-    async with admin.cursor(row_factory=dict_row) as cur:
-        await cur.execute(f"SHOW {what}")
-        return await cur.fetchall()
-
-
-async def command(admin: Admin, text: str) -> str | None:
-    async with admin.cursor() as cur:
-        await cur.execute(text)
-        return cur.statusmessage
-
-
-async def refused(admin: Admin, text: str) -> psycopg.Error:
-    with pytest.raises(psycopg.Error) as info:
-        await command(admin, text)
-    return info.value
 
 
 async def config_value(admin: Admin, key: str) -> str:
@@ -126,47 +73,11 @@ async def backend_count(su: Su) -> int:
     return len(await app_backends(su))
 
 
-class Sleepers:
-    """Clients each running short pg_sleep requests through pgmux until stopped."""
+class Sleepers(Loops):
+    """Clients each running short pg_sleep requests (or ``sql``) until stopped."""
 
     def __init__(self, conns: list[asyncpg.Connection], sql: str = SLEEP) -> None:
-        self.counts = [0] * len(conns)
-        self.errors: list[BaseException] = []
-        self._stop = asyncio.Event()
-        self._tasks = [asyncio.create_task(self._loop(i, c, sql)) for i, c in enumerate(conns)]
-
-    async def _loop(self, i: int, conn: asyncpg.Connection, sql: str) -> None:
-        while not self._stop.is_set():
-            try:
-                await conn.fetchval(sql)
-            except Exception as exc:
-                self.errors.append(exc)
-                return
-            self.counts[i] += 1
-
-    async def each_did(self, n: int) -> None:
-        """Wait until every client completed ``n`` more requests."""
-        base = list(self.counts)
-
-        def check() -> bool:
-            assert not self.errors, self.errors
-            return all(c - b >= n for c, b in zip(self.counts, base, strict=True))
-
-        await wait_until(check, DEADLINE, what=f"every client did {n} more requests")
-
-    async def stop(self) -> None:
-        self._stop.set()
-        await asyncio.wait_for(asyncio.gather(*self._tasks, return_exceptions=True), DEADLINE)
-
-
-@contextlib.asynccontextmanager
-async def clients(pgmux: PgmuxProcess, n: int, **kwargs: Any) -> AsyncIterator[list[Any]]:
-    conns = list(await asyncio.gather(*(connect_asyncpg(pgmux, **kwargs) for _ in range(n))))
-    try:
-        yield conns
-    finally:
-        for conn in conns:
-            conn.terminate()
+        super().__init__(conns, lambda i, conn: conn.fetchval(sql))
 
 
 async def max_backends_under(su: Su, sleepers: Sleepers, rounds: int = 3) -> int:
@@ -184,10 +95,10 @@ async def max_backends_under(su: Su, sleepers: Sleepers, rounds: int = 3) -> int
 async def test_reload_changes_pool_size_live(
     pgmux_factory: PgmuxFactory, console: Console, su: Su, how: str
 ) -> None:
-    pgmux = start(pgmux_factory, default_pool_size=2)
+    pgmux = start_with_admin(pgmux_factory, default_pool_size=2)
     admin = await console(pgmux)
     await wait_until(lambda: _no_backends(su), DEADLINE, what="no app backends left over")
-    async with clients(pgmux, 6) as conns:
+    async with open_clients(pgmux, 6) as conns:
         sleepers = Sleepers(conns)
         try:
             assert await max_backends_under(su, sleepers) == 2
@@ -250,7 +161,7 @@ def write_broken(pgmux: PgmuxProcess, kind: str) -> None:
 async def test_reload_of_a_broken_file_keeps_the_old_config(
     pgmux_factory: PgmuxFactory, console: Console, kind: str
 ) -> None:
-    pgmux = start(pgmux_factory, default_pool_size=3)
+    pgmux = start_with_admin(pgmux_factory, default_pool_size=3)
     admin = await console(pgmux)
     conn = await connect_asyncpg(pgmux)
     try:
@@ -271,7 +182,7 @@ async def test_reload_of_a_broken_file_keeps_the_old_config(
         assert await config_value(admin, "default_pool_size") == "3"
         assert await pool_sizes(admin) == (3, 3)
         assert await conn.fetchval("SELECT 2") == 2
-        async with clients(pgmux, 1) as (fresh,):
+        async with open_clients(pgmux, 1) as (fresh,):
             assert await fresh.fetchval("SELECT 3") == 3
         assert pgmux.running
 
@@ -287,7 +198,7 @@ async def test_reload_of_a_broken_file_keeps_the_old_config(
 async def test_sighup_with_a_broken_file_keeps_the_old_config(
     pgmux_factory: PgmuxFactory, console: Console, kind: str
 ) -> None:
-    pgmux = start(pgmux_factory, default_pool_size=3)
+    pgmux = start_with_admin(pgmux_factory, default_pool_size=3)
     admin = await console(pgmux)
     conn = await connect_asyncpg(pgmux)
     try:
@@ -301,7 +212,7 @@ async def test_sighup_with_a_broken_file_keeps_the_old_config(
         assert pgmux.running
         assert await config_value(admin, "default_pool_size") == "3"
         assert await conn.fetchval("SELECT 4") == 4
-        async with clients(pgmux, 1) as (fresh,):
+        async with open_clients(pgmux, 1) as (fresh,):
             assert await fresh.fetchval("SELECT 5") == 5
     finally:
         await conn.close()
@@ -315,11 +226,11 @@ async def test_reload_changes_the_server_and_adds_a_database(
 ) -> None:
     """app moves from TCP to PostgreSQL's unix socket (the same server, reached another
     way) and app2 appears: the clients connected before go on throughout."""
-    pgmux = start(pgmux_factory)
+    pgmux = start_with_admin(pgmux_factory)
     admin = await console(pgmux)
     error = await error_of(connect_asyncpg(pgmux, database="app2"))
     assert error.sqlstate == "3D000", error
-    async with clients(pgmux, 4) as conns, clients(pgmux, 1) as (holder,):
+    async with open_clients(pgmux, 4) as conns, open_clients(pgmux, 1) as (holder,):
         sleepers = Sleepers(conns, "SELECT 1")
         try:
             await sleepers.each_did(3)
@@ -394,10 +305,10 @@ async def _only_via(su: Su, how: str) -> bool:
 async def test_set_changes_a_setting_until_the_next_reload(
     pgmux_factory: PgmuxFactory, console: Console, su: Su
 ) -> None:
-    pgmux = start(pgmux_factory, default_pool_size=5)
+    pgmux = start_with_admin(pgmux_factory, default_pool_size=5)
     admin = await console(pgmux)
     await wait_until(lambda: _no_backends(su), DEADLINE, what="no app backends left over")
-    async with clients(pgmux, 6) as conns:
+    async with open_clients(pgmux, 6) as conns:
         tag = await command(admin, "SET default_pool_size = 3")
         assert tag is not None and tag.startswith("SET"), tag
         assert await config_value(admin, "default_pool_size") == "3"
@@ -434,7 +345,7 @@ async def test_set_changes_a_setting_until_the_next_reload(
 async def test_reload_reaches_every_worker(
     pgmux_factory: PgmuxFactory, console: Console, su: Su
 ) -> None:
-    pgmux = start(pgmux_factory, workers=2, default_pool_size=2)
+    pgmux = start_with_admin(pgmux_factory, workers=2, default_pool_size=2)
     admin = await console(pgmux)
     await wait_until(lambda: _no_backends(su), DEADLINE, what="no app backends left over")
     conns = await _on_both_workers(pgmux, 3)
