@@ -333,10 +333,12 @@ def _refused(
     if found is None:
         return None
     feature, reason = found
-    shown: object = (
-        sql if client.registry.config.log_statement_text else "(log_statement_text = false)"
+    shown = (
+        sql[:200].decode("utf-8", "replace")
+        if client.registry.config.log_statement_text
+        else "(log_statement_text = false)"
     )
-    log.info("%s: refused %s (session_state = error): %.200s", client, feature, shown)
+    log.info("%s: refused %s (session_state = error): %s", client, feature, shown)
     return _marker(
         client,
         server,
