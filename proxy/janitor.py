@@ -18,8 +18,7 @@ from .client import ClientConnection
 from .errors import ProxyError
 from .pool import ClientState, Pool, Registry
 from .protocol import codes
-from .snapshot import STATEMENT_CHARS, client_activity
-from .stats import PoolStats
+from .snapshot import STATEMENT_CHARS, client_activity, live_totals
 
 log = logging.getLogger("pgmux.janitor")
 
@@ -82,17 +81,8 @@ def sweep(registry: Registry, now: float) -> None:
 def end_stats_period(registry: Registry, length: float) -> None:
     """A stats period ended: each pool's counters remember its differences (SHOW
     STATS_AVERAGES). Live clients' counters are part of the totals, as when read."""
-    live: dict[int, tuple[PoolStats, list[int]]] = {}
-    for pool in registry.iter_pools():
-        live.setdefault(id(pool.stats), (pool.stats, [0, 0, 0]))
-    for client in registry.clients:
-        if client.stats is not None and id(client.stats) in live:
-            counters = live[id(client.stats)][1]
-            counters[0] += client.fe.answered
-            counters[1] += client.bytes_in
-            counters[2] += client.bytes_out
-    for stats, counters in live.values():
-        stats.end_period(stats.totals((counters[0], counters[1], counters[2])), length)
+    for stats, totals in live_totals(registry).values():
+        stats.end_period(totals, length)
     registry.admin_stats.end_period(registry.admin_stats.totals(), length)
 
 

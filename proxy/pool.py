@@ -199,6 +199,12 @@ class Pool:
         else:
             self._dispatch()
 
+    def retire(self) -> None:
+        """A reload replaced this pool (its pool_mode changed): it serves the clients it
+        has, and its servers close once they are gone."""
+        self.retired = True
+        self._update_draining()
+
     def old_servers(self) -> int:
         """Servers of an older generation still open (SHOW SERVERS close_needed)."""
         return sum(1 for server in self.servers if server.generation != self.generation)
@@ -566,9 +572,7 @@ class Registry:
         pool = Pool(settings, self.config, self.open_server, stats)
         database = settings.database
         if database.user is not None:
-            pool.server_credential = Credential(
-                database.user, database.password, f"[databases.{database.name}]"
-            )
+            pool.server_credential = _forced_credential(database)
         pool.set_paused(self.is_paused(database.name))
         return pool
 
@@ -603,8 +607,7 @@ class Registry:
             settings = self._pool_settings(database, key[1])
             old_settings = pool.settings
             if settings.pool_mode != old_settings.pool_mode:
-                pool.retired = True
-                pool._update_draining()
+                pool.retire()
                 self.retired.append(pool)
                 self.pools[key] = replacement = self._new_pool(settings, pool.stats)
                 replacement.server_credential = pool.server_credential
@@ -622,9 +625,7 @@ class Registry:
                     if after is not None and after.secret is not None:
                         pool.server_credential = after
             elif new_servers:
-                pool.server_credential = Credential(
-                    database.user, database.password, f"[databases.{database.name}]"
-                )
+                pool.server_credential = _forced_credential(database)
             if settings.pool_size != old_settings.pool_size:
                 changes.append(
                     f"pool {pool.name}: pool_size {old_settings.pool_size} -> {settings.pool_size}"
@@ -677,6 +678,12 @@ class Registry:
     def iter_pools(self) -> Iterator[Pool]:
         """The pools, and those retired by a reload that still serve their clients."""
         return iter([*self.pools.values(), *self.retired])
+
+
+def _forced_credential(database: DatabaseConfig) -> Credential:
+    """The login a ``[databases]`` entry with its own user forces on every pool of it."""
+    assert database.user is not None
+    return Credential(database.user, database.password, f"[databases.{database.name}]")
 
 
 def _server_changed(old: DatabaseConfig, new: DatabaseConfig) -> bool:

@@ -51,12 +51,10 @@ def take(registry: Registry, parts: Iterable[str] = ()) -> Snapshot:
     offset = wall - mono  # monotonic -> wall clock
 
     pools: dict[tuple[str, str], dict[str, Any]] = {}
-    live: dict[int, list[int]] = {}  # id(PoolStats) -> live clients' [answered, in, out]
     stats_of: dict[int, tuple[dict[str, Any], PoolStats]] = {}
     for pool in registry.iter_pools():
         entry = _pool_entry(pools, pool, mono)
         stats_of.setdefault(id(pool.stats), (entry, pool.stats))
-        live.setdefault(id(pool.stats), [0, 0, 0])
 
     admin_clients = 0
     login_clients = 0
@@ -70,6 +68,7 @@ def take(registry: Registry, parts: Iterable[str] = ()) -> Snapshot:
             continue
         pool = client.pool
         entry = _pool_entry(pools, pool, mono)
+        stats_of.setdefault(id(pool.stats), (entry, pool.stats))
         if state is ClientState.WAITING:
             entry["cl_waiting"] += 1
         elif state is not ClientState.CLOSED:
@@ -77,15 +76,10 @@ def take(registry: Registry, parts: Iterable[str] = ()) -> Snapshot:
             server = client.server
             if server is not None and client.busy_since <= 0 and server.tx_status != codes.TX_IDLE:
                 entry["cl_idle_in_transaction"] += 1
-        counters = live.setdefault(id(pool.stats), [0, 0, 0])
-        counters[0] += client.fe.answered
-        counters[1] += client.bytes_in
-        counters[2] += client.bytes_out
-        stats_of.setdefault(id(pool.stats), (entry, pool.stats))
 
+    totals = live_totals(registry)
     for key, (entry, stats) in stats_of.items():
-        counters = live[key]
-        entry["totals"] = stats.totals((counters[0], counters[1], counters[2]))
+        entry["totals"] = totals[key][1]
         entry["period"] = list(stats.period) if stats.period is not None else None
         entry["hist"] = stats.histograms()
         entry["errors"] = dict(stats.errors)
@@ -138,6 +132,20 @@ def take(registry: Registry, parts: Iterable[str] = ()) -> Snapshot:
     for entry in pools.values():
         del entry["_seen"]  # bookkeeping of _pool_entry, not for JSON
     return snap
+
+
+def live_totals(registry: Registry) -> dict[int, tuple[PoolStats, dict[str, float]]]:
+    """id(PoolStats) -> (those stats, their totals now): each pool's counters with what
+    its live clients answered, received and sent so far (they add theirs on leaving)."""
+    live = {id(pool.stats): (pool.stats, [0, 0, 0]) for pool in registry.iter_pools()}
+    for client in registry.clients:
+        stats = client.stats
+        if stats is not None:  # logged in to a pool
+            counters = live.setdefault(id(stats), (stats, [0, 0, 0]))[1]
+            counters[0] += client.fe.answered
+            counters[1] += client.bytes_in
+            counters[2] += client.bytes_out
+    return {key: (stats, stats.totals((c[0], c[1], c[2]))) for key, (stats, c) in live.items()}
 
 
 def _new_pool_entry(pool: Pool) -> dict[str, Any]:
