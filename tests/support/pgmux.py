@@ -2,7 +2,7 @@
 
 - ``default_config(pg, port)``: the baseline config every test starts from.
 - ``deep_merge(base, overrides)``: a test's changes on top of it (``None`` deletes a key).
-- ``to_toml(data)``: a small TOML writer for those dicts (no third-party dependency).
+- ``to_toml(data)``: proxy.toml_out's TOML writer, re-exported for the tests.
 - ``PgmuxProcess``: ``python -m proxy --config FILE`` started, waited for, signalled, stopped.
   With ``workers`` > 1 that process is a supervisor: ``start`` also waits until every
   worker is ready, ``worker_pids()`` finds them, and ``stop``/``kill`` leave none behind.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import os
 import re
 import signal
@@ -26,6 +25,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 from urllib.parse import quote, urlencode
+
+from proxy.toml_out import to_toml
 
 from .pgcluster import APP_DB, APP_PASSWORD, APP_USER, MD5_PASSWORD, MD5_USER, PgCluster, free_port
 
@@ -88,83 +89,6 @@ def deep_merge(base: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> 
         else:
             result[key] = copy.deepcopy(value)
     return result
-
-
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-_STRING_ESCAPES = {
-    '"': '\\"',
-    "\\": "\\\\",
-    "\b": "\\b",
-    "\t": "\\t",
-    "\n": "\\n",
-    "\f": "\\f",
-    "\r": "\\r",
-}
-
-
-def _toml_string(text: str) -> str:
-    out = []
-    for ch in text:
-        if ch in _STRING_ESCAPES:
-            out.append(_STRING_ESCAPES[ch])
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\u{ord(ch):04X}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
-
-
-def _toml_key(key: object, where: str) -> str:
-    if not isinstance(key, str):
-        raise TypeError(f"to_toml: keys must be strings, got {key!r} in {where or 'top level'}")
-    return key if _BARE_KEY.fullmatch(key) else _toml_string(key)
-
-
-def _toml_value(value: object, where: str) -> str:
-    if isinstance(value, bool):  # before int: bool is an int
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        return _toml_string(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(item, where) for item in value) + "]"
-    raise TypeError(f"to_toml: unsupported value {value!r} at {where}")
-
-
-def _emit_table(lines: list[str], path: tuple[str, ...], table: Mapping[str, Any]) -> None:
-    scalars = [(k, v) for k, v in table.items() if not isinstance(v, Mapping)]
-    tables = [(k, v) for k, v in table.items() if isinstance(v, Mapping)]
-    where = ".".join(path)
-    # A table holding only sub-tables needs no header of its own; an empty one does.
-    if path and (scalars or not tables):
-        if lines:
-            lines.append("")
-        lines.append("[" + ".".join(_toml_key(part, where) for part in path) + "]")
-    for key, value in scalars:
-        name = _toml_key(key, where)
-        lines.append(f"{name} = {_toml_value(value, f'{where}.{key}' if where else key)}")
-    for key, sub in tables:
-        _toml_key(key, where)
-        _emit_table(lines, (*path, key), sub)
-
-
-def to_toml(data: Mapping[str, Any]) -> str:
-    """TOML text for ``data``: str, int, float, bool, lists of those, nested tables.
-
-    Top-level scalars come first, then each table (its scalars, then its sub-tables).
-    Keys that are not bare TOML keys (``"*"``, ``"a.b"``) are quoted. Anything else,
-    ``None`` included, raises ``TypeError``.
-    """
-    lines: list[str] = []
-    _emit_table(lines, (), data)
-    return "\n".join(lines) + "\n" if lines else ""
 
 
 # -- the process -----------------------------------------------------------------------
