@@ -1,4 +1,5 @@
-"""Command line: ``pgmux --config PATH`` runs the proxy; ``--check`` only validates.
+"""Command line: ``pgmux --config PATH`` (or ``--upstream URL``) runs the proxy;
+``--check`` prints the effective config; ``pgmux demo|convert|healthcheck`` are tools.
 
 With ``workers`` > 1 this process becomes the supervisor (workers.py), which starts
 the workers as ``python -m proxy`` again with the hidden ``--worker...`` arguments.
@@ -8,13 +9,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
+import os
 import sys
 from collections.abc import Callable
 
 from . import __version__
 from .app import App, StartupError
-from .config import ConfigError, load_config
+from .config import ConfigError
+from .config_sources import ConfigSource, describe
 from .logs import setup_logging
 from .tls import client_facing_context, server_facing_context
 from .workers import WorkerSlot, run_supervisor
@@ -22,13 +26,55 @@ from .workers import WorkerSlot, run_supervisor
 log = logging.getLogger("pgmux")
 
 
+# Commands beside running the proxy: ``pgmux NAME ...`` runs ``proxy.NAME.main(args)``.
+SUBCOMMANDS = {
+    "demo": "see the problem solved: 500 clients against PostgreSQL with max_connections = "
+    "20, straight and through pgmux",
+    "convert": "write a pgbouncer.ini (with its %include files) as pgmux TOML",
+    "healthcheck": "exit 0 if the local pgmux answers /healthz (for HEALTHCHECK and probes)",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        module = importlib.import_module(f".{argv[0]}", __package__)
+        run: Callable[[list[str]], int] = module.main
+        return run(argv[1:])
     parser = argparse.ArgumentParser(
-        prog="pgmux", description="PostgreSQL connection pooler (transaction pooling)"
+        prog="pgmux",
+        description="PostgreSQL connection pooler (transaction pooling)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n"
+        + "".join(f"  pgmux {name:<12} {text}\n" for name, text in SUBCOMMANDS.items())
+        + "\nsources, later ones winning: defaults < the file < --upstream < PGMUX_<KEY> "
+        "environment variables < --set",
     )
-    parser.add_argument("--config", "-c", required=True, help="path to the TOML config file")
+    parser.add_argument("--config", "-c", help="the TOML config file (default: $PGMUX_CONFIG)")
     parser.add_argument(
-        "--check", action="store_true", help="validate the config file and exit (0 = valid)"
+        "--pgbouncer-ini",
+        metavar="FILE",
+        help="run from a PgBouncer config instead (default: $PGMUX_PGBOUNCER_INI)",
+    )
+    parser.add_argument(
+        "--upstream",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="postgres://user:password@host:5432/dbname: proxy that database for that user "
+        "(repeatable; default: $PGMUX_UPSTREAM; prefer the variable, argv shows in ps)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set any key, e.g. default_pool_size=10 or databases.app.pool_size=5",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="print the effective config (passwords masked) and exit: 0 = valid",
     )
     parser.add_argument("--version", action="version", version=f"pgmux {__version__}")
     # Set by the supervisor when it starts a worker (see workers.py); not for people.
@@ -40,7 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        config = load_config(args.config)
+        source = ConfigSource.from_command_line(
+            file=args.config,
+            pgbouncer_ini=args.pgbouncer_ini,
+            upstreams=args.upstream,
+            sets=args.set,
+            environ=os.environ,
+        )
+        loaded = source.load()
+        config = loaded.config
         # TLS files are loaded here too, so --check catches a bad key or certificate.
         client_facing_context(config)
         server_facing_context(config)
@@ -48,10 +102,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pgmux: invalid configuration: {exc}", file=sys.stderr)
         return 1
     if args.check:
+        for warning in loaded.warnings:
+            print(f"pgmux: warning: {warning}", file=sys.stderr)
         print(
-            f"pgmux: {args.config} is valid: {len(config.databases)} database(s), "
-            f"{len(config.users)} user(s), listen {config.listen_addr}:{config.listen_port}"
+            f"# pgmux: {source.name} is valid: {len(config.databases)} database(s), "
+            f"{len(config.users)} user(s), listen {config.listen_addr}:{config.listen_port}\n"
+            "# The effective configuration; a comment names where a value came from "
+            "(none: the default).\n"
         )
+        print(describe(loaded), end="")
         return 0
 
     worker: WorkerSlot | None = None
@@ -64,10 +123,13 @@ def main(argv: list[str] | None = None) -> int:
             unix_fd=args.worker_unix_fd,
         )
     setup_logging(config, args.worker)
+    if worker is None:  # a worker's supervisor has said these already
+        for warning in loaded.warnings:
+            log.warning("%s", warning)
     try:
         if worker is None and config.workers > 1:
-            return run_supervisor(config, args.config)
-        app = App(config, worker)
+            return run_supervisor(config, source)
+        app = App(config, worker, source)
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(app.run())
     except OSError as exc:
@@ -76,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             config.listen_addr,
             config.listen_port,
             exc.strerror or exc,
-            args.config,
+            source.name,
         )
         return 1
     except StartupError as exc:

@@ -21,11 +21,13 @@ import signal
 import socket
 import time
 
+from . import sd_notify
 from .admin import AdminSession
 from .auth_query import AuthQuery
 from .cancel import CancelListener, worker_socket_path
 from .client import ClientConnection
-from .config import RESTART_KEYS, Config, ConfigError, config_items, load_config
+from .config import RESTART_KEYS, Config, ConfigError, config_items
+from .config_sources import ConfigSource
 from .control import Cancelled, LocalControl
 from .errors import ShuttingDown
 from .janitor import run_janitor
@@ -48,13 +50,17 @@ class StartupError(Exception):
 
 
 class App:
-    def __init__(self, config: Config, worker: WorkerSlot | None = None) -> None:
+    def __init__(
+        self, config: Config, worker: WorkerSlot | None = None, source: ConfigSource | None = None
+    ) -> None:
         if worker is not None:
             # The supervisor's count rules: pids and shares must agree between workers
             # even if the file was edited before this worker was (re)started.
             config = dataclasses.replace(config, workers=worker.count)
         self.config = config
         self.worker = worker
+        # What a reload reads again: the file, --upstream, PGMUX_* and --set.
+        self.source = source if source is not None else ConfigSource(file=config.path)
         self.registry: Registry | None = None
         self.listeners: list[asyncio.Server] = []
         self.cancel_listener: asyncio.Server | None = None
@@ -198,6 +204,7 @@ class App:
                 lambda: link, socket.socket(fileno=worker.control_fd)
             )
             link.ready()
+        sd_notify.notify("READY=1", f"STATUS=listening on {addresses}")
 
     async def _snapshot(self) -> Snapshot:
         assert self.console is not None
@@ -208,7 +215,7 @@ class App:
     # -- reload (Lifecycle, for the admin console; SIGHUP) ---------------------------------
 
     def _on_sighup(self) -> None:
-        log.info("SIGHUP: reloading %s", self.config.path)
+        log.info("SIGHUP: reloading %s", self.source.name)
         with contextlib.suppress(ConfigError):  # logged by reload(); the old one runs on
             self.reload()
 
@@ -222,16 +229,19 @@ class App:
         task.add_done_callback(_log_command_result)
 
     def reload(self) -> list[str]:
-        """Re-read the config file; on any error the running config stays (raised)."""
-        path = self.config.path
+        """Re-read every config source; on any error the running config stays (raised)."""
+        path = self.source.name
+        sd_notify.reloading()
         try:
-            config = load_config(path)
+            config = self.source.load().config
             client_facing_context(config)  # a bad certificate or key fails the reload
             server_facing_context(config)
         except ConfigError as exc:
             log.error("reload of %s failed, keeping the running configuration: %s", path, exc)
+            sd_notify.notify("READY=1", f"STATUS=reload failed: {exc}")
             raise
         changes = self.apply_config(config)
+        sd_notify.notify("READY=1", "STATUS=reloaded")
         log.info("reloaded %s: %s", path, "; ".join(changes) if changes else "nothing changed")
         return changes
 
@@ -310,6 +320,7 @@ class App:
         if registry is None:
             return
         registry.shutting_down = True
+        sd_notify.notify("STOPPING=1")
         for listener in self.listeners:
             listener.close()
         if self.metrics is not None:

@@ -232,17 +232,21 @@ def worker_share_warnings(config: Config) -> list[str]:
 
 def load_config(path: str | Path) -> Config:
     """Read and validate the file at ``path``; raises ConfigError naming what is wrong."""
+    return parse_config(read_toml(path), str(path))
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """The file's TOML, not yet checked; raises ConfigError if it cannot be read."""
     path = Path(path)
     try:
         with path.open("rb") as f:
-            raw = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return parse_config(raw, str(path))
 
 
 def parse_config(raw: Mapping[str, Any], path: str = "<config>") -> Config:

@@ -86,3 +86,13 @@ def to_toml(data: Mapping[str, Any]) -> str:
     lines: list[str] = []
     _emit_table(lines, (), data)
     return "\n".join(lines) + "\n" if lines else ""
+
+
+def toml_key(key: str) -> str:
+    """``key`` as a TOML key: bare when it can be, quoted otherwise."""
+    return _toml_key(key, "")
+
+
+def toml_value(value: object) -> str:
+    """``value`` (str, int, float, bool or a list of those) as a TOML value."""
+    return _toml_value(value, "")

@@ -29,7 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
-from .config import Config, ConfigError, load_config, worker_share_warnings
+from . import sd_notify
+from .config import Config, ConfigError, worker_share_warnings
+from .config_sources import ENV_WORKER_SOURCE, ConfigSource
 from .metrics import MetricsServer
 from .peers import gather_snapshots
 from .snapshot import NoSnapshot, Snapshot, merge
@@ -88,18 +90,18 @@ class SupervisorLink(asyncio.Protocol):
             self.transport.close()
 
 
-def run_supervisor(config: Config, config_path: str) -> int:
+def run_supervisor(config: Config, source: ConfigSource) -> int:
     """Run ``config.workers`` workers until a signal stops them; the exit code.
 
     Raises OSError when the listen port or the unix socket cannot be had.
     """
-    return Supervisor(config, os.path.abspath(config_path)).run()
+    return Supervisor(config, source).run()
 
 
 class Supervisor:
-    def __init__(self, config: Config, config_path: str) -> None:
+    def __init__(self, config: Config, source: ConfigSource) -> None:
         self.config = config
-        self.config_path = config_path
+        self.source = source
         self.count = config.workers
         self.directory = ""
         self.unix_socket: socket.socket | None = None
@@ -187,8 +189,10 @@ class Supervisor:
         log.info("%s: passing it on to the workers", name)
         if sig == signal.SIGHUP:
             # Its own stats_period and log_stats; each worker logs why a reload failed.
+            sd_notify.reloading()
             with contextlib.suppress(ConfigError):
-                self.config = load_config(self.config_path)
+                self.config = self.source.load().config
+            sd_notify.notify("READY=1")
         for proc in self.procs.values():
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(sig)
@@ -202,6 +206,7 @@ class Supervisor:
         else:
             log.warning("second %s: the workers stop now", name)
         self.stopping.set()
+        sd_notify.notify("STOPPING=1")
         # Each signal is passed on, so a second one is a second one for the workers too.
         for proc in self.procs.values():
             with contextlib.suppress(ProcessLookupError):
@@ -261,10 +266,14 @@ class Supervisor:
         link.setblocking(False)
         pass_fds = [child_end.fileno()]
         argv = [
-            sys.executable, "-m", "proxy", "--config", self.config_path,
+            sys.executable, "-m", "proxy",
             "--worker", str(index), "--worker-count", str(self.count),
             "--worker-dir", self.directory, "--worker-control-fd", str(child_end.fileno()),
         ]  # fmt: skip
+        if self.source.file is not None:
+            # For ps only (the worker reads its sources from the environment): which
+            # pgmux a worker belongs to. A file name is no secret; an --upstream URL is.
+            argv += ["--config", self.source.file]
         if self.unix_socket is not None:
             pass_fds.append(self.unix_socket.fileno())
             argv += ["--worker-unix-fd", str(self.unix_socket.fileno())]
@@ -272,6 +281,7 @@ class Supervisor:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=subprocess.DEVNULL,
+                env=self._worker_env(),
                 pass_fds=pass_fds,
                 # Its own process group: a Ctrl-C in a terminal reaches the supervisor
                 # only, which passes it on once (twice would mean "immediately").
@@ -283,6 +293,14 @@ class Supervisor:
         finally:
             child_end.close()
         return proc, link
+
+    def _worker_env(self) -> dict[str, str]:
+        """The sources go to workers in the environment (argv shows in ps); only the
+        supervisor, the main PID, talks to systemd."""
+        env = dict(os.environ)
+        env[ENV_WORKER_SOURCE] = self.source.to_json()
+        env.pop("NOTIFY_SOCKET", None)
+        return env
 
     async def _watch_link(self, index: int, link: socket.socket) -> None:
         """After READY a worker says STOPPING only after a console SHUTDOWN: every
@@ -298,6 +316,8 @@ class Supervisor:
         self.ready.add(index)
         log.info("worker %d (pid %d) ready", index, pid)
         if len(self.ready) == self.count:
+            if not self.started:
+                sd_notify.notify("READY=1", f"STATUS={self.count} workers ready")
             self.started = True
             log.info("all %d workers ready", self.count)
 
