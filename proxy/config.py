@@ -638,6 +638,8 @@ class ConfigItem:
     def parse(self, text: str) -> Any:
         """A SET value (always text) as the TOML value the key takes."""
         kind = self.default
+        if self.key == "unix_socket_mode":  # an int inside, octal text in the file
+            return text
         if isinstance(kind, bool):
             lowered = text.strip().lower()
             if lowered in ("1", "true", "on", "yes"):

@@ -151,12 +151,18 @@ class PgmuxProcess:
         *,
         command: Sequence[str] | None = None,
         timeout: float = START_TIMEOUT,
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        config_file: bool = True,
     ) -> PgmuxProcess:
         """Write the config, spawn pgmux, wait until its listen port accepts TCP.
 
         ``command`` replaces ``python -m proxy`` (``--config PATH`` is appended); the
-        harness's own tests use it to run a stand-in. Raises ``PgmuxStartError``, with
-        the log, if the process exits or does not listen within ``timeout`` seconds.
+        harness's own tests use it to run a stand-in. ``args`` go after it and ``env``
+        is added to the environment. With ``config_file=False`` no ``--config`` is given:
+        ``config`` then only tells the harness the port, which ``args`` or ``env`` must
+        set. Raises ``PgmuxStartError``, with the log, if the process exits or does not
+        listen within ``timeout`` seconds.
         """
         config = deep_merge(config, None)  # our own copy
         if "listen_port" not in config:
@@ -166,15 +172,17 @@ class PgmuxProcess:
         config_path = workdir / "pgmux.toml"
         config_path.write_text(to_toml(config))
         log_path = workdir / "pgmux.log"
-        argv = [*(command or DEFAULT_COMMAND), "--config", str(config_path)]
+        argv = [*(command or DEFAULT_COMMAND)]
+        if config_file:
+            argv += ["--config", str(config_path)]
         with open(log_path, "wb") as log:  # the child keeps its own descriptor
             proc = subprocess.Popen(
-                argv,
+                [*argv, *args],
                 cwd=REPO_ROOT,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=_child_env(),
+                env={**_child_env(), **(env or {})},
             )
         pgmux = cls(proc, config, config_path, log_path)
         try:
