@@ -345,7 +345,11 @@ class ClientConnection(asyncio.Protocol):
             return
         if not self.welcomed:
             self.detach()
-            server.settle(None)
+            # Not settle() at once: with nothing to apply this runs inside Pool.release,
+            # which would hand the server straight to the next login waiting for the
+            # pool's first parameters, and so on, one stack frame per queued login
+            # (RecursionError from about 170 logins at once on a fresh pool).
+            self.registry.loop.call_soon(server.settle, None)
             self._welcome()
             return
         self.relay_pending(server)

@@ -16,6 +16,7 @@ from support.helpers import (
     app_table,
     connect_asyncpg,
     connect_psycopg,
+    connect_raw,
     counting_backends,
     fetch_value,
     pgbench_tps,
@@ -29,6 +30,7 @@ from support.helpers import (
 )
 from support.pgcluster import APP_USER, PgCluster
 from support.pgmux import PgmuxFactory, PgmuxProcess
+from support.wire import query
 
 
 @pytest.fixture
@@ -72,6 +74,28 @@ async def test_300_clients_on_5_servers(pg: PgCluster, pgmux: PgmuxProcess, tabl
     assert max(samples) <= 5, f"PostgreSQL saw {max(samples)} app backends"
     print(f"300 clients in {elapsed:.1f} s; {len(samples)} samples, max {max(samples)} backends")
     await su.close()
+
+
+async def test_a_burst_of_logins_on_a_fresh_pool(pgmux_factory: PgmuxFactory) -> None:
+    """Logins that all wait for the pool's first server (its parameters are not known
+    yet) are handed the server one after the other. That once nested a stack frame per
+    queued login and failed with RecursionError from about 170 at once."""
+    pgmux = pgmux_factory({"auth_type": "trust", "default_pool_size": 2, "max_client_conn": 600})
+    n_clients = 400
+
+    async def client() -> int:
+        conn = await connect_raw(pgmux)
+        try:
+            reply = await conn.exchange(query("SELECT 1"))
+            return len(reply.rows)
+        finally:
+            conn.abort()
+
+    results = await asyncio.gather(*(client() for _ in range(n_clients)), return_exceptions=True)
+    failures = [r for r in results if isinstance(r, BaseException)]
+    assert not failures, f"{len(failures)} of {n_clients} logins failed, first: {failures[0]!r}"
+    assert results == [1] * n_clients
+    assert "RecursionError" not in pgmux.log() and "recursion" not in pgmux.log()
 
 
 async def test_transaction_stays_on_one_server(pgmux: PgmuxProcess, table: str) -> None:
