@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pgmux: invalid configuration: {exc}", file=sys.stderr)
         return 1
     if args.check:
+        for note in loaded.notes:
+            print(f"pgmux: note: {note}", file=sys.stderr)
         for warning in loaded.warnings:
             print(f"pgmux: warning: {warning}", file=sys.stderr)
         print(
@@ -124,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     setup_logging(config, args.worker)
     if worker is None:  # a worker's supervisor has said these already
+        for note in loaded.notes:
+            log.info("%s", note)
         for warning in loaded.warnings:
             log.warning("%s", warning)
     try:

@@ -59,6 +59,8 @@ class Loaded:
     config: Config
     origins: Mapping[str, str]  # dotted key -> "PGMUX_X", "--set", "--upstream", file name
     warnings: tuple[str, ...] = ()
+    # From --pgbouncer-ini: settings converted with a change of meaning, defaults pinned.
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +144,7 @@ class ConfigSource:
         raw: dict[str, Any] = {}
         origins: dict[str, str] = {}
         warnings: list[str] = []
+        notes: tuple[str, ...] = ()
         if self.file is not None:
             raw = read_toml(self.file)
             _note_origins(origins, raw, (), Path(self.file).name)
@@ -152,6 +155,7 @@ class ConfigSource:
             raw = copy.deepcopy(converted.raw)
             _note_origins(origins, raw, (), Path(self.pgbouncer_ini).name)
             warnings += [f"{line} (ignored)" for line in converted.unsupported]
+            notes = converted.notes
         for url in self.upstreams:
             _apply_upstream(raw, origins, url, warnings)
         items = {item.key: item for item in config_items()}
@@ -180,7 +184,7 @@ class ConfigSource:
             config = parse_config(raw, self.name)
         except ConfigError as exc:
             raise ConfigError(_blame(str(exc), origins)) from None
-        return Loaded(config, origins, tuple(warnings))
+        return Loaded(config, origins, tuple(warnings), notes)
 
 
 def _absolute(path: str | None) -> str | None:
