@@ -292,7 +292,8 @@ class Login:
         )
         if rule is None:
             raise AuthorizationFailed(
-                describe_no_match(conn_type, self.tls, client.dbname, client.user, address)
+                describe_no_match(conn_type, self.tls, client.dbname, client.user, address),
+                hint="add a line for this connection to auth_hba_file",
             )
         if rule.method == "reject":
             raise AuthorizationFailed(
@@ -454,7 +455,9 @@ class Login:
         if full and common_name != client.user:
             raise AuthorizationFailed(
                 f'certificate authentication failed for user "{client.user}": the '
-                f'certificate is for "{common_name}"'
+                f'certificate is for "{common_name}"',
+                hint="client_tls_sslmode verify-full needs the certificate's CN to be the "
+                "user name; connect as that user or use a certificate issued for this one",
             )
 
     def _password_failed(self) -> ProxyError:

@@ -241,7 +241,9 @@ class ServerConnection(asyncio.Protocol):
         self.login_failed(
             ServerUnreachable(
                 f"server {db.host}:{db.port} did not complete the login for pool "
-                f'"{self.pool.name}" within {timeout:g} s (server_connect_timeout)'
+                f'"{self.pool.name}" within {timeout:g} s (server_connect_timeout)',
+                hint="check that PostgreSQL is up and not overloaded, or raise "
+                "server_connect_timeout",
             )
         )
 
@@ -323,7 +325,9 @@ class ServerConnection(asyncio.Protocol):
                 self._internal_event(typ, buf, start, stop)
         except (ProtocolError, AuthError) as exc:
             if self.state is ServerState.LOGIN:
-                self.login_failed(ServerLoginFailed(f"server login failed: {exc}"))
+                self.login_failed(
+                    ServerLoginFailed(f'server login failed for pool "{self.pool.name}": {exc}')
+                )
             else:
                 self.close(f"protocol error from server: {exc}")
         except ServerLoginFailed as exc:
@@ -944,7 +948,8 @@ class ServerConnection(asyncio.Protocol):
             self.client = None
             client.server_lost(
                 ServerConnectionLost(
-                    f'server connection for pool "{self.pool.name}" closed: {reason}'
+                    f'server connection for pool "{self.pool.name}" closed: {reason}',
+                    hint="the transaction in flight is lost; reconnect and retry it",
                 ),
                 # After a FATAL the client knows; mid-message, an error cannot be framed.
                 already_told=self.fatal or self.stream.mid_message,
@@ -972,7 +977,11 @@ class ServerConnection(asyncio.Protocol):
             why = f"server closed the connection ({exc})" if exc else "server closed the connection"
             if self.state is ServerState.LOGIN:
                 self.login_failed(
-                    ServerLoginFailed(f'server login failed for pool "{self.pool.name}": {why}')
+                    ServerLoginFailed(
+                        f'server login failed for pool "{self.pool.name}": {why}',
+                        hint="PostgreSQL's log says why: often pg_hba.conf, or max_connections "
+                        "reached (lower the pool sizes, or raise max_connections)",
+                    )
                 )
             else:
                 log.info("%s: %s", self, why)
