@@ -323,8 +323,8 @@ class App:
         sd_notify.notify("STOPPING=1")
         for listener in self.listeners:
             listener.close()
-        if self.metrics is not None:
-            self.metrics.close()
+        # /metrics stays up until the end: /readyz answers 503 "shutting down" while
+        # transactions drain (a load balancer stops sending), /healthz still 200.
         error = ShuttingDown("pooler is shutting down; reconnect to another instance")
         deadline = time.monotonic() + self.config.shutdown_timeout
         if self._shutdown_mode == "wait_for_clients" and not self._force:
@@ -368,6 +368,8 @@ class App:
                     os.rmdir(self.worker.directory)  # the last worker out succeeds
         if self.link is not None:
             self.link.close()
+        if self.metrics is not None:
+            self.metrics.close()
         log.info("pgmux stopped")
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -42,6 +43,11 @@ ENV_WORKER_SOURCE = "PGMUX_WORKER_SOURCE"
 _SOURCE_VARS = (ENV_CONFIG, ENV_UPSTREAM, ENV_PGBOUNCER_INI, ENV_WORKER_SOURCE)
 # Read by the test suite and the demo, not settings: never warned about.
 _NOT_SETTINGS = frozenset(("PGMUX_PG_BIN",))
+# What Kubernetes puts in every pod's environment for a Service named "pgmux" (its
+# docker-link variables): not settings either.
+_SERVICE_LINK = re.compile(
+    r"PGMUX_(SERVICE_(HOST|PORT)(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_(ADDR|PORT|PROTO))?)?)"
+)
 MASK = "********"
 # URL query parameters --upstream understands, and the key each one sets.
 _URL_PARAMS = {
@@ -161,7 +167,7 @@ class ConfigSource:
         items = {item.key: item for item in config_items()}
         by_env = {ENV_PREFIX + key.upper().replace(".", "_"): item for key, item in items.items()}
         for name in sorted(self.environ):
-            if name in _SOURCE_VARS or name in _NOT_SETTINGS:
+            if name in _SOURCE_VARS or name in _NOT_SETTINGS or _SERVICE_LINK.fullmatch(name):
                 continue
             item = by_env.get(name)
             if item is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -254,6 +255,27 @@ async def test_health_readiness_and_unknown_paths(pgmux_factory: PgmuxFactory) -
         await admin.execute("RESUME")
         assert await http_get(pgmux, "/readyz") == (200, "ready\n")
         assert (await scrape(pgmux)).value("pgmux_paused") == 0
+
+
+async def test_while_draining_readyz_says_shutting_down_and_healthz_stays_up(
+    pgmux_factory: PgmuxFactory,
+) -> None:
+    """A load balancer must see "not ready" during a drain, while liveness holds: a
+    draining pgmux is not dead, and restarting it would cut the transactions short."""
+    pgmux = pgmux_factory()
+    conn = await connect_asyncpg(pgmux)
+    try:
+        tx = conn.transaction()
+        await tx.start()
+        pgmux.signal(signal.SIGTERM)
+        pgmux.wait_for_log("shutting down")
+        status, body = await http_get(pgmux, "/readyz")
+        assert (status, "shutting down" in body) == (503, True), body
+        assert await http_get(pgmux, "/healthz") == (200, "ok\n")
+        await tx.commit()
+    finally:
+        await conn.close()
+    assert pgmux.proc.wait(10) == 0
 
 
 async def test_metrics_names_types_and_histograms(pgmux: PgmuxProcess) -> None:

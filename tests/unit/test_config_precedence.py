@@ -114,6 +114,22 @@ def test_unknown_variables_are_warned_about_and_harness_variables_are_not() -> N
     ]
 
 
+def test_kubernetes_service_link_variables_are_not_settings() -> None:
+    links = {
+        "PGMUX_SERVICE_HOST": "10.0.0.1",
+        "PGMUX_SERVICE_PORT": "6432",
+        "PGMUX_SERVICE_PORT_METRICS": "9127",
+        "PGMUX_PORT": "tcp://10.0.0.1:6432",
+        "PGMUX_PORT_6432_TCP": "tcp://10.0.0.1:6432",
+        "PGMUX_PORT_6432_TCP_ADDR": "10.0.0.1",
+        "PGMUX_PORT_6432_TCP_PORT": "6432",
+        "PGMUX_PORT_6432_TCP_PROTO": "tcp",
+    }
+    loaded = source(URL, **links).load()
+    assert not [w for w in loaded.warnings if "PGMUX_" in w]
+    assert loaded.config.listen_port == 6432
+
+
 def test_the_order_file_upstream_environment_set(tmp_path: Path) -> None:
     path = tmp_path / "pgmux.toml"
     path.write_text(
