@@ -108,10 +108,17 @@ def test_demo_ctrl_c_cleans_up(workdir: Path) -> None:
         match = WORKING_IN.search(log.read_text())
         assert match
         demo_dir = Path(match.group(1))
-        running = "\n".join(_leftovers(demo_dir.name))
-        # What must be gone afterwards is there now: the detector sees it.
+        # What must be gone afterwards is there now: the detector sees it (pgmux's
+        # server connections open as its first clients arrive, a moment after the
+        # phase's line).
+        backend = f"postgres: {demo_dir.name}: app app 127.0.0.1"
+        running = wait_until_sync(
+            lambda: "\n".join(found) if backend in "\n".join(found := _leftovers(demo_dir.name))
+            else "",
+            timeout=20,
+            what="pgmux's server connections",
+        )  # fmt: skip
         assert f"--config {demo_dir}/pgmux.toml" in running
-        assert f"postgres: {demo_dir.name}: app app 127.0.0.1" in running
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 130
     finally:
