@@ -305,6 +305,8 @@ def _parse(
             messages.error_response(
                 "ERROR", "42P05", f'prepared statement "{shown}" already exists'
             ),
+            "42P05",
+            reason=None,  # PostgreSQL's own error, as a direct connection would get it
             query=False,
         )
     statement = client.registry.statement_names.statement_for(rest)
@@ -349,12 +351,20 @@ def _refused(
             hint='set session_state = "pin" (the client keeps its server while such state '
             'exists) or use pool_mode = "session" for this database or user',
         ),
+        "0A000",
+        reason="session_state_refused",
         query=query,
     )
 
 
 def _marker(
-    client: ClientConnection, server: ServerConnection, error: bytes, *, query: bool
+    client: ClientConnection,
+    server: ServerConnection,
+    error: bytes,
+    sqlstate: str,
+    *,
+    reason: str | None,
+    query: bool,
 ) -> bytes:
     """A message that fails on the server (aborting the transaction as a real error
     would); its ErrorResponse is replaced by ``error`` on the way back."""
@@ -362,7 +372,7 @@ def _marker(
     markers = server.markers
     if markers is None:
         markers = server.markers = {}
-    markers[token] = error
+    markers[token] = (error, sqlstate, reason)
     if query:
         return messages.query(token.decode())
     return build_parse(b"pgmux_refused", token + b"\x00\x00\x00")
@@ -405,7 +415,12 @@ def error_reply(server: ServerConnection, client: ClientConnection, body: bytes)
     if markers and MARKER_PREFIX in body:
         for token in list(markers):
             if token in body:
-                return markers.pop(token)
+                error, sqlstate, reason = markers.pop(token)
+                if reason is None:
+                    server.stats.count_error(sqlstate)
+                else:
+                    server.stats.count_pooler_error(reason, sqlstate)
+                return error
     return None
 
 

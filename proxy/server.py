@@ -24,6 +24,7 @@ from .errors import ProxyError, ServerConnectionLost, ServerLoginFailed, ServerU
 from .pool import NO_SETTINGS, Pool, Registry, ServerState, Settings
 from .prepared import (
     CACHED_PLAN_ERROR,
+    MARKER_PREFIX,
     Op,
     Statement,
     batch_done,
@@ -184,7 +185,9 @@ class ServerConnection(asyncio.Protocol):
         self.retrying = False  # swallowing a failed attempt until its ReadyForQuery
         self.batch_started = False
         self.ops: deque[Op] | None = None
-        self.markers: dict[bytes, bytes] | None = None
+        # A failing stand-in's marker -> (the error to send instead, its SQLSTATE, and
+        # its reason when pgmux makes it; None: PostgreSQL's own, counted as the server's).
+        self.markers: dict[bytes, tuple[bytes, str, str | None]] | None = None
         self.empty_replies: deque[bytes] | None = None
         self.stale: set[bytes] = set()  # statements whose plans went stale: closed at release
         self.timer: asyncio.TimerHandle | None = None
@@ -427,7 +430,9 @@ class ServerConnection(asyncio.Protocol):
                 replacement = self.empty_replies.popleft()  # a request pgmux answered
             elif typ == codes.B_ERROR_RESPONSE:
                 body = buf[start + 5 : stop]
-                self.stats.count_error(self._note_error(body).get("C"))
+                fields = self._note_error(body)
+                if not (self.markers and MARKER_PREFIX in body):  # error_reply counts those
+                    self.stats.count_error(fields.get("C"))
                 retry = None
                 if CACHED_PLAN_ERROR in body:
                     if self.tx_status == codes.TX_IDLE and not (

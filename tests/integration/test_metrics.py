@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import asyncpg
+import psycopg
 import pytest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics import parser as openmetrics_parser
@@ -33,6 +34,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from support.helpers import (
     connect_asyncpg,
+    connect_psycopg,
+    connect_raw,
     error_of,
     pgbench_tps,
     postgres_error,
@@ -49,6 +52,7 @@ from support.pgmux import (
     default_config,
     to_toml,
 )
+from support.wire import parse, sync
 
 T = TypeVar("T")
 
@@ -595,6 +599,39 @@ async def test_errors_by_origin_and_reason(pgmux_factory: PgmuxFactory) -> None:
     assert delta(origin="pgmux", reason="query_wait_timeout", sqlstate_class="57", **APP) == 1
     assert delta(origin="pgmux") == 3
     assert s.count(errors, origin="server", reason="") == s.count(errors, origin="server")
+
+
+async def test_errors_pgmux_makes_in_place_of_a_stand_in_count_as_what_the_client_got(
+    pgmux_factory: PgmuxFactory,
+) -> None:
+    """A refusal under session_state = "error" and a re-Parse's 42P05 reach the client in
+    place of a stand-in statement's syntax error: they count as 0A000 by pgmux and as
+    PostgreSQL's 42P05, never as the stand-in's 42601."""
+    pgmux = pgmux_factory({"session_state": "error"})
+    errors = "pgmux_errors_total"
+    before = await scrape(pgmux)
+    conn = await connect_psycopg(pgmux)
+    try:
+        with pytest.raises(psycopg.errors.FeatureNotSupported):
+            await conn.execute("CREATE TEMP TABLE refused_t (n int)")
+        raw = await connect_raw(pgmux)
+        try:
+            batch = parse("SELECT 1", "dup") + parse("SELECT 1", "dup") + sync()
+            reply = await raw.exchange(batch)
+            assert [f.get("C") for f in reply.errors] == ["42P05"]
+        finally:
+            raw.abort()
+    finally:
+        await conn.close()
+    s = await scrape(pgmux)
+
+    def delta(**labels: str) -> float:
+        return s.value(errors, **labels) - before.value(errors, **labels)
+
+    reason = "session_state_refused"
+    assert delta(origin="pgmux", reason=reason, sqlstate_class="0A", **APP) == 1
+    assert delta(origin="server", sqlstate_class="42", **APP) == 1  # the 42P05 alone
+    assert delta() == 2
 
 
 async def test_pins_by_reason(pgmux_factory: PgmuxFactory) -> None:

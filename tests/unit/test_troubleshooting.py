@@ -116,7 +116,10 @@ def collected() -> tuple[dict[str, list[str]], dict[str, list[str]], list[str]]:
                 for keyword in node.keywords:
                     if keyword.arg == "reason":
                         values = _strings(keyword.value)
-                        if not values:
+                        no_reason = isinstance(keyword.value, ast.Constant) and (
+                            keyword.value.value is None
+                        )
+                        if not values and not no_reason:
                             problems.append(
                                 f"{path.relative_to(ROOT)}:{node.lineno}: reason= is not a "
                                 "string literal, so it cannot be checked against the doc"
