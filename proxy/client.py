@@ -22,7 +22,13 @@ from .pool import ClientState, Pool, Registry, Settings, link, unlink
 from .prepared import Statement, copy_batch, rewrite_requests
 from .protocol import codes, messages
 from .protocol.errors import ProtocolError
-from .protocol.stream import TRACKED_FRONTEND, FrontendEvent, FrontendStream, first_request_end
+from .protocol.stream import (
+    TRACKED_FRONTEND,
+    FrontendEvent,
+    FrontendStream,
+    failed_request_end,
+    first_request_end,
+)
 from .server import (
     PAUSE_CLIENT_FULL,
     WRITE_HIGH_WATER,
@@ -75,6 +81,7 @@ class ClientConnection(asyncio.Protocol):
         "last_sql",
         "loaded",
         "login",
+        "notified_wait",
         "paused",
         "pending",
         "pinned",
@@ -127,6 +134,7 @@ class ClientConnection(asyncio.Protocol):
         self.cancel_pid = 0
         self.cancel_key = 0
         self.wait_started = 0.0
+        self.notified_wait = 0.0  # the wait_started of the wait query_wait_notify told of
         self.terminating = False
         # Session state (session_state.py, prepared.py): client statement name ->
         # Statement, whether the transaction needs a state check, why the client keeps
@@ -291,9 +299,16 @@ class ClientConnection(asyncio.Protocol):
 
     def _start_request(self, data: bytes) -> None:
         """A logged-in client without a server sent something: get it a server."""
-        if data[0] == codes.F_TERMINATE and len(data) == 5 and not self.fe.partial:
-            self.close("client sent Terminate")
-            return
+        if len(data) == 5 and not self.fe.partial:
+            if data[0] == codes.F_TERMINATE:
+                self.close("client sent Terminate")
+                return
+            if data[0] == codes.F_SYNC:
+                # A lone Sync with no batch open (e.g. after pgmux failed a batch sent
+                # with Flush): PostgreSQL would answer ReadyForQuery idle; so does pgmux,
+                # without taking a server.
+                self.transport.write(messages.READY_IDLE)
+                return
         registry = self.registry
         if registry.shutting_down and not registry.serving_until_clients_leave:
             self.fail(ShuttingDown("pooler is shutting down; reconnect to another instance"))
@@ -518,12 +533,38 @@ class ClientConnection(asyncio.Protocol):
         else:
             self.transport.write(payload + messages.READY_IDLE if ready else payload)
 
+    def send_notice(self, text: str, hint: str | None = None) -> None:
+        """A NoticeResponse: protocol-wise allowed at any time, shown by clients as a
+        warning or passed to their notice handler."""
+        if self.state is not ClientState.CLOSED and not self.transport.is_closing():
+            self.transport.write(
+                messages.error_response("NOTICE", "00000", text, hint=hint, notice=True)
+            )
+
     def fail(self, error: ProxyError) -> None:
         self.send_error(error, fatal=True)
 
     def fail_wait(self, error: ProxyError) -> None:
-        """The pool gave up finding a server for this client (called by the pool)."""
-        self.fail(error)
+        """query_wait_timeout (called by the pool, which has taken the client out of its
+        queue): the request that waited gets an ERROR and the session goes on, so the
+        client can retry on the same connection (PgBouncer closes it). The error answers
+        what PostgreSQL's would (failed_request_end); requests pipelined after that are
+        new requests and queue again, at the back. A login still waiting for the pool's
+        first server, or a request not yet whole, cannot be answered on its own: that
+        client gets the error as FATAL, as before."""
+        pending = b"".join(self.pending or ())
+        failed = failed_request_end(pending) if self.welcomed else None
+        if failed is None:
+            self.fail(error)
+            return
+        end, ready = failed
+        self.send_error(error, fatal=False, ready=ready)
+        if end < len(pending):
+            self.pending = [pending[end:]]
+            self.registry.loop.call_soon(self._resend_pending)
+        else:
+            self.pending = None
+            self.resume_reading(PAUSE_WAITING)
 
     # -- after login ---------------------------------------------------------------------
 

@@ -104,6 +104,7 @@ class Config:
     min_pool_size: int = 0
     max_client_conn: int = 100
     query_wait_timeout: float = 120.0
+    query_wait_notify: float = 5.0
     client_login_timeout: float = 60.0
     server_connect_timeout: float = 15.0
     server_login_retry: float = 15.0
@@ -270,6 +271,7 @@ def parse_config(raw: Mapping[str, Any], path: str = "<config>") -> Config:
     values["max_client_conn"] = reader.integer("max_client_conn", 100, 1)
     for name in (
         "query_wait_timeout",
+        "query_wait_notify",
         "client_login_timeout",
         "server_connect_timeout",
         "server_login_retry",

@@ -211,9 +211,18 @@ SETTINGS: Mapping[str, Setting] = {
     "query_wait_timeout": Setting(
         TIMEOUTS,
         _SECONDS,
-        "How long a client may wait in a pool's queue for a server connection; then it "
-        "gets 57014 and is disconnected (PgBouncer's meaning and default). Overridden "
-        "per user.",
+        "How long a request may wait in a pool's queue for a server connection; then "
+        "it gets an ERROR 57014 naming the pool and its size, and the session goes on "
+        "(PgBouncer disconnects the client). Requests pipelined behind it queue again. "
+        "A login still waiting for the pool's first server gets it as FATAL. "
+        "Overridden per user.",
+    ),
+    "query_wait_notify": Setting(
+        TIMEOUTS,
+        _SECONDS,
+        "A client queued this long gets one NOTICE saying so: the pool, how many servers "
+        "are busy, its place in the queue and who holds the servers (PgBouncer's "
+        "setting and default; pgmux's notice also names the holders).",
     ),
     "client_login_timeout": Setting(
         TIMEOUTS,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import cast
 
 from .client import ClientConnection
 from .errors import ProxyError
@@ -69,6 +70,8 @@ def sweep(registry: Registry, now: float) -> None:
         )
         if pool.n_waiting and now - pool.queue_logged_at >= QUEUE_LOG_INTERVAL:
             log_queue(registry, pool, now)
+        if pool.n_waiting and config.query_wait_notify:
+            notify_waiters(pool, now, config.query_wait_notify)
     if watch_clients:
         for client in list(registry.clients):
             check_client(client, now)
@@ -109,12 +112,7 @@ def log_queue(registry: Registry, pool: Pool, now: float) -> None:
     if oldest is None or now - oldest.wait_started < QUEUE_LOG_AFTER:
         return
     pool.queue_logged_at = now
-    holders: list[ClientConnection] = [
-        s.client  # type: ignore[attr-defined]
-        for s in pool.servers
-        if getattr(s, "client", None) is not None
-    ]
-    holders.sort(key=lambda c: held_for(c, now), reverse=True)
+    holders = holding_clients(pool, now)
     described = [
         f"{c} application_name={dict(c.settings).get('application_name', '')!r} "
         f"{client_activity(c)} for {held_for(c, now):.1f} s, last statement "
@@ -131,6 +129,57 @@ def log_queue(registry: Registry, pool: Pool, now: float) -> None:
         pool.size,
         "; ".join(described) or "none (servers still connecting)",
     )
+
+
+def notify_waiters(pool: Pool, now: float, after: float) -> None:
+    """query_wait_notify: one NOTICE to each client queued ``after`` seconds, per wait.
+    The holders are named by client id, application_name and what they do, not by
+    address or statement: the notice goes to another client of the same pool."""
+    ahead = 0
+    holders: str | None = None
+    for waiter in pool.waiters:
+        client = cast("ClientConnection", waiter)
+        if client.state is not ClientState.WAITING:
+            continue
+        waited = now - client.wait_started
+        if waited < after:
+            return  # the queue is in arrival order
+        if client.notified_wait != client.wait_started:
+            client.notified_wait = client.wait_started
+            if holders is None:
+                holders = _holders(pool, now)
+            client.send_notice(
+                f'waiting for a server connection for {waited:.0f} s: pool "{pool.name}" '
+                f"has {len(pool.servers)} of {pool.size} server connections busy, "
+                f"{ahead} clients queued ahead of this one; held by {holders} "
+                "(query_wait_notify)",
+                hint=f"the request fails after query_wait_timeout "
+                f"({pool.query_wait_timeout:g} s); raise pool_size, or shorten the "
+                "transactions holding the servers",
+            )
+        ahead += 1
+
+
+def holding_clients(pool: Pool, now: float) -> list[ClientConnection]:
+    """The clients holding the pool's servers, the longest holder first."""
+    holders: list[ClientConnection] = [
+        s.client  # type: ignore[attr-defined]
+        for s in pool.servers
+        if getattr(s, "client", None) is not None
+    ]
+    holders.sort(key=lambda c: held_for(c, now), reverse=True)
+    return holders
+
+
+def _holders(pool: Pool, now: float) -> str:
+    holders = holding_clients(pool, now)
+    shown = [
+        f"C-{c.id} (application_name {dict(c.settings).get('application_name', '')!r}, "
+        f"{client_activity(c)} for {held_for(c, now):.0f} s)"
+        for c in holders[:QUEUE_LOG_HOLDERS]
+    ]
+    more = len(holders) - len(shown)
+    return "; ".join(shown) + (f" and {more} more" if more > 0 else "") or "no client yet"
 
 
 def reset_stale_settings(registry: Registry) -> None:

@@ -99,7 +99,6 @@ MISSING |= _table(True, {
     "autodb_idle_timeout": ("*", "pgmux has no fallback (*) database"),
     "pool_idle_timeout": ("0", "pgmux keeps empty pools"),
     "transaction_timeout": ("0", _TRANSACTION_TIMEOUT),
-    "query_wait_notify": ("0", "pgmux sends queued clients no NOTICE"),
     "disable_pqexec": ("0", "pgmux does not refuse the simple query protocol"),
     "application_name_add_host": ("0", "pgmux passes application_name on unchanged; SHOW "
                                   "CLIENTS shows each client's address"),
@@ -135,7 +134,7 @@ for _key, _off_with in _OFF_WITH.items():
 # pgmux's default (a MISSING key that pgmux gains converts the same way, unchanged).
 SAME_NAME = frozenset((
     "listen_port", "listen_backlog", "default_pool_size", "min_pool_size", "max_client_conn",
-    "max_packet_size", "max_prepared_statements", "query_wait_timeout",
+    "max_packet_size", "max_prepared_statements", "query_wait_timeout", "query_wait_notify",
     "client_login_timeout", "server_connect_timeout", "server_login_retry",
     "server_idle_timeout", "cancel_wait_timeout", "client_idle_timeout",
     "idle_transaction_timeout", "query_timeout", "stats_period", "server_reset_query",

@@ -107,6 +107,31 @@ def first_request_end(data: bytes) -> int | None:
     return None
 
 
+def failed_request_end(data: bytes) -> tuple[int, bool] | None:
+    """How much of ``data`` (whole client messages, nothing sent yet) an error answers
+    when its first request fails before reaching a server, as PostgreSQL would: a Query
+    or FunctionCall alone; an extended batch through its Sync, since after an error the
+    server discards messages until Sync (protocol docs, "Extended Query"). Returns (end,
+    whether a Sync or Query ends it, so a ReadyForQuery follows the error); without one
+    yet (a batch sent with Flush, awaiting replies) the whole of ``data`` is answered
+    and its Sync is still to come. None if a message is incomplete or not a request
+    (COPY data, Terminate): then nothing can be answered cleanly."""
+    pos = 0
+    n = len(data)
+    while n - pos >= 5:
+        kind = _FRONTEND_KIND[data[pos]]
+        length: int = _unpack_length(data, pos + 1)[0]
+        end = pos + 1 + length
+        if length < 4 or end > n or kind not in (K_REQUEST, K_SYNC, K_EXTENDED, K_FLUSH):
+            return None
+        if kind == K_SYNC or (kind == K_REQUEST and pos == 0):
+            return end, True
+        pos = end
+    if pos != n or n == 0:
+        return None
+    return n, False
+
+
 class FrontendStream:
     """Client -> server: frames, validates and counts what awaits a ReadyForQuery.
 

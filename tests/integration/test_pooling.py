@@ -18,6 +18,7 @@ from support.helpers import (
     connect_psycopg,
     connect_raw,
     counting_backends,
+    error_of,
     fetch_value,
     pgbench_tps,
     postgres_error,
@@ -30,7 +31,7 @@ from support.helpers import (
 )
 from support.pgcluster import APP_USER, PgCluster
 from support.pgmux import PgmuxFactory, PgmuxProcess
-from support.wire import query
+from support.wire import bind, execute, parse, query, sync
 
 
 @pytest.fixture
@@ -153,8 +154,9 @@ async def test_query_wait_timeout(pgmux_factory: PgmuxFactory) -> None:
         assert "exhausted" in error.message and "1 of 1" in error.message
         assert "query_wait_timeout" in error.message
         assert 0.9 <= elapsed < 3, f"failed after {elapsed:.2f} s"
-        # The waiting client's connection is closed by pgmux.
-        await wait_until(lambda: waiter.is_closed(), 3, what="waiter connection closed")
+        # An ERROR, not FATAL: the waiter's session goes on and may retry.
+        assert error.severity == "ERROR"
+        assert not waiter.is_closed()
         # The holder is unaffected and still in its transaction on the same server.
         assert await holder.fetchval("SELECT pg_backend_pid()") == pid
         assert await holder.fetchval("SELECT txid_current() = txid_current()") is True
@@ -162,6 +164,8 @@ async def test_query_wait_timeout(pgmux_factory: PgmuxFactory) -> None:
         assert await holder.fetchval("SELECT txid_current()") == xid
         await holder.execute("COMMIT")
         assert await holder.fetchval("SELECT 1") == 1
+        # The retry on the same connection gets the server the holder gave back.
+        assert await waiter.fetchval("SELECT 2") == 2
     finally:
         await holder.close()
         waiter.terminate()
@@ -182,8 +186,98 @@ async def test_query_wait_timeout_psycopg(pgmux_factory: PgmuxFactory) -> None:
                 await waiter.execute("SELECT 2")
             assert info.value.sqlstate == "57014"
             assert "query_wait_timeout" in str(info.value)
-            assert waiter.closed or waiter.broken
-        await holder.commit()
+            assert not (waiter.closed or waiter.broken)
+            await holder.commit()
+            assert await (await waiter.execute("SELECT 3")).fetchone() == (3,)
+
+
+async def test_query_wait_timeout_in_a_pipeline(pgmux_factory: PgmuxFactory) -> None:
+    """Three pipelined batches while the pool is held: the first that waited too long
+    gets the ERROR (and its ReadyForQuery), the two behind it queue again as new
+    requests and run once the holder lets go, each answered in order."""
+    pgmux = pgmux_factory({"default_pool_size": 1, "query_wait_timeout": 1})
+    holder = await connect_asyncpg(pgmux)
+    raw = await connect_raw(pgmux)
+    try:
+        await holder.execute("BEGIN")
+        batch = b"".join(parse(f"SELECT {n}") + bind() + execute() + sync() for n in (1, 2, 3))
+        await raw.send(batch)
+        first = await raw.read_until_ready(timeout=10)
+        assert [e.get("C") for e in first.errors] == ["57014"]
+        assert first.types == "EZ" and first.status == "I"
+        await asyncio.sleep(0.5)  # the rest wait again, well inside a fresh timeout
+        await holder.execute("COMMIT")
+        second = await raw.read_until_ready(timeout=10)
+        third = await raw.read_until_ready(timeout=10)
+        assert (second.rows, third.rows) == ([["2"]], [["3"]])
+        # And the session is as good as new.
+        assert (await raw.exchange(query("SELECT 4"))).rows == [["4"]]
+    finally:
+        raw.abort()
+        await holder.close()
+
+
+async def test_a_lone_sync_is_answered_without_a_server(pgmux_factory: PgmuxFactory) -> None:
+    """With no batch open, Sync gets ReadyForQuery idle at once, as from PostgreSQL, even
+    while every server is busy (asyncpg sends one after a failed Flush-ed prepare)."""
+    pgmux = pgmux_factory({"default_pool_size": 1, "query_wait_timeout": 30})
+    holder = await connect_asyncpg(pgmux)
+    raw = await connect_raw(pgmux)
+    try:
+        await holder.execute("BEGIN")
+        reply = await raw.exchange(sync(), timeout=2)
+        assert (reply.types, reply.status) == ("Z", "I")
+    finally:
+        raw.abort()
+        await holder.close()
+
+
+async def test_query_wait_timeout_at_login_is_still_fatal(pgmux_factory: PgmuxFactory) -> None:
+    """A login whose settings the pool has never tried takes a server to check them; one
+    that waits too long for it has no session to go on with."""
+    pgmux = pgmux_factory({"default_pool_size": 1, "query_wait_timeout": 1})
+    holder = await connect_asyncpg(pgmux)
+    try:
+        await holder.execute("BEGIN")
+        error = await error_of(connect_asyncpg(pgmux, server_settings={"TimeZone": "Asia/Tokyo"}))
+        assert (error.sqlstate, error.severity) == ("57014", "FATAL"), error
+        assert "query_wait_timeout" in error.message
+    finally:
+        await holder.close()
+
+
+@pytest.mark.parametrize("notify", [1, 0])
+async def test_query_wait_notify(pgmux_factory: PgmuxFactory, notify: int) -> None:
+    """A client queued query_wait_notify seconds gets one NOTICE naming the pool, its
+    place and the holder; 0 turns it off."""
+    pgmux = pgmux_factory(
+        {"default_pool_size": 1, "query_wait_timeout": 30, "query_wait_notify": notify}
+    )
+    holder = await connect_asyncpg(pgmux, server_settings={"application_name": "holder-app"})
+    waiters = [await connect_asyncpg(pgmux) for _ in range(2)]
+    notices: list[list[str]] = [[], []]
+    for waiter, seen in zip(waiters, notices, strict=True):
+        waiter.add_log_listener(lambda _c, m, seen=seen: seen.append(m.message))
+    try:
+        await holder.execute("BEGIN")
+        queued = [asyncio.create_task(w.fetchval("SELECT 7")) for w in waiters]
+        await asyncio.sleep(2.6)  # past the notice, by several janitor sweeps
+        await holder.execute("COMMIT")
+        assert await asyncio.gather(*queued) == [7, 7]
+    finally:
+        await holder.close()
+        for waiter in waiters:
+            await waiter.close()
+    if not notify:
+        assert notices == [[], []]
+        return
+    assert [len(seen) for seen in notices] == [1, 1], notices  # once per wait
+    first, second = notices[0][0], notices[1][0]
+    assert 'pool "app/app" has 1 of 1 server connections busy' in first
+    assert "0 clients queued ahead" in first and "1 clients queued ahead" in second
+    assert "holder-app" in first and "idle in transaction" in first
+    assert "(query_wait_notify)" in first
+    assert "127.0.0.1" not in first  # holders by id, not by address
 
 
 async def test_waiters_are_served_in_turn(pgmux_factory: PgmuxFactory) -> None:

@@ -265,6 +265,7 @@ def test_value_types(tmp_path: Path) -> None:
         "default_pool_size = 010\n"
         "server_idle_timeout = 5min\n"
         "query_wait_timeout = 1.5\n"
+        "query_wait_notify = 7\n"
         "client_login_timeout = 500ms\n"
         "server_connect_timeout = 2s\n"
         "idle_transaction_timeout = 1h\n"
@@ -281,6 +282,7 @@ def test_value_types(tmp_path: Path) -> None:
     assert (raw["max_client_conn"], raw["default_pool_size"]) == (32, 8)
     assert raw["server_idle_timeout"] == 300 and isinstance(raw["server_idle_timeout"], int)
     assert (raw["query_wait_timeout"], raw["client_login_timeout"]) == (1.5, 0.5)
+    assert raw["query_wait_notify"] == 7
     assert (raw["server_connect_timeout"], raw["idle_transaction_timeout"]) == (2, 3600)
     assert (raw["log_connections"], raw["log_disconnections"]) == (False, False)
     assert (raw["log_pooler_errors"], raw["tcp_keepalive"]) == (True, True)
@@ -556,7 +558,6 @@ def test_peers_are_listed(tmp_path: Path) -> None:
         ("server_check_query = select 1", "not supported by pgmux yet"),
         ("server_round_robin = 1", "not supported by pgmux yet"),
         ("transaction_timeout = 60", "not supported by pgmux yet"),
-        ("query_wait_notify = 5", "not supported by pgmux yet"),
         ("tcp_keepidle = 30", "not supported by pgmux yet"),
         ("tcp_user_timeout = 1000", "not supported by pgmux yet"),
         ("dns_max_ttl = 60", "not supported by pgmux yet"),

@@ -17,6 +17,7 @@ from proxy.protocol.stream import (
     REQ_SYNC,
     BackendStream,
     FrontendStream,
+    failed_request_end,
     first_request_end,
 )
 
@@ -274,3 +275,35 @@ def test_first_request_end() -> None:
 )
 def test_first_request_end_nothing_to_cut(data: bytes) -> None:
     assert first_request_end(data) is None
+
+
+# -- failed_request_end (query_wait_timeout answering a queued client's first request) ---
+
+
+def test_failed_request_end() -> None:
+    q1, q2 = messages.query("select 1"), messages.query("select 2")
+    batch = parse() + msg(b"B", b"\0\0\0\0\0\0\0\0") + msg(b"E", b"\0\0\0\0\0") + msg(b"S")
+    flushed = parse() + msg(b"D", b"S\0") + msg(b"H")  # asyncpg's prepare
+    assert failed_request_end(q1 + q2) == (len(q1), True)
+    assert failed_request_end(batch + q1) == (len(batch), True)
+    # After an error the server skips to Sync, a Query in between included.
+    assert failed_request_end(flushed + q1 + msg(b"S") + q2) == (
+        len(flushed) + len(q1) + 5,
+        True,
+    )
+    # Sent with Flush and no Sync yet: all of it is answered, the ReadyForQuery later.
+    assert failed_request_end(flushed) == (len(flushed), False)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        messages.query("select 1")[:-1],  # incomplete
+        msg(b"d", b"row"),  # CopyData is not a request
+        msg(b"X"),  # Terminate
+        parse() + msg(b"X"),
+    ],
+)
+def test_failed_request_end_nothing_to_answer(data: bytes) -> None:
+    assert failed_request_end(data) is None
