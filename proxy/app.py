@@ -38,6 +38,7 @@ from .pool import ClientState, Registry
 from .protocol.stream import SCANNER
 from .server import open_server
 from .snapshot import Snapshot
+from .sockets import apply_tcp_options, tcp_options
 from .stats_log import run_stats_log
 from .tls import channel_binding_hash, client_facing_context, server_facing_context
 from .workers import SupervisorLink, WorkerSlot
@@ -146,12 +147,8 @@ class App:
                 # Every worker binds the port itself; the kernel spreads connections.
                 reuse_port=config.workers > 1,
             )
-            if config.tcp_keepalive:
-                for sock in listener.sockets:
-                    # Accepted connections inherit SO_KEEPALIVE from the listening
-                    # socket: set once here, not with a syscall per client.
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             self.listeners.append(listener)
+        self._tune_listeners(config)
         if worker is None and config.metrics.enabled:
             # With workers the supervisor serves /metrics for all of them.
             metrics = self.metrics = MetricsServer(self._snapshot)
@@ -281,9 +278,18 @@ class App:
         if config.users != old.users or config.auth_file_users != old.auth_file_users:
             changes.append("users changed")
         self.config = config
+        self._tune_listeners(config)
         changes += registry.apply_config(config, server_tls_changed=server_tls_changed)
         reconfigure_logging(config, self.worker.index if self.worker is not None else None)
         return changes
+
+    def _tune_listeners(self, config: Config) -> None:
+        """Accepted connections inherit the TCP options of the listening socket: set
+        once here (and again on reload), not with a syscall per client."""
+        options = tcp_options(config)
+        for listener in self.listeners:
+            for sock in listener.sockets:
+                apply_tcp_options(sock, options)
 
     def shutdown_requested(self, mode: str) -> None:
         """SHUTDOWN from the console: "" now, wait_for_servers, or wait_for_clients."""

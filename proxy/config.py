@@ -143,6 +143,10 @@ class Config:
     stats_period: float = 60.0
     idle_transaction_warn: float = 60.0
     tcp_keepalive: bool = True
+    tcp_keepidle: int = 0
+    tcp_keepintvl: int = 0
+    tcp_keepcnt: int = 0
+    tcp_user_timeout: int = 0
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     databases: Mapping[str, DatabaseConfig] = field(default_factory=dict)
     users: Mapping[str, UserConfig] = field(default_factory=dict)
@@ -313,6 +317,12 @@ def parse_config(raw: Mapping[str, Any], path: str = "<config>") -> Config:
         "tcp_keepalive",
     ):
         values[name] = reader.boolean(name, getattr(defaults, name))
+    # Whole seconds and a count, as the socket options take them; tcp_user_timeout in
+    # milliseconds (PgBouncer's units for all four). 0: the kernel's default.
+    for name in ("tcp_keepidle", "tcp_keepintvl", "tcp_keepcnt", "tcp_user_timeout"):
+        values[name] = reader.integer(name, 0, 0, 2147483647)
+    if values["tcp_keepcnt"] > 127:
+        raise reader._fail("tcp_keepcnt", f"must be 0 to 127, got {values['tcp_keepcnt']}")
     values["stats_period"] = reader.seconds("stats_period", defaults.stats_period)
     if values["stats_period"] < 1:
         raise reader._fail(

@@ -255,7 +255,9 @@ SETTINGS: Mapping[str, Setting] = {
         TIMEOUTS,
         _SECONDS,
         "Close server connections this old when they are released and nobody waits, or "
-        "when idle (PgBouncer's meaning and default).",
+        "when idle (PgBouncer's meaning and default). Each server's lifetime is this "
+        "less a random part of up to a tenth, drawn when it connects, so servers opened "
+        "together do not all reconnect at once (PgBouncer has no jitter).",
     ),
     "cancel_wait_timeout": Setting(
         TIMEOUTS,
@@ -303,7 +305,32 @@ SETTINGS: Mapping[str, Setting] = {
         CONNECTIONS,
         _BOOL,
         "SO_KEEPALIVE on every client and server socket, so dead peers are noticed "
-        "(PgBouncer's setting; the kernel's keepalive timings apply).",
+        "(PgBouncer's setting). The timings are the kernel's unless set below.",
+    ),
+    "tcp_keepidle": Setting(
+        CONNECTIONS,
+        "whole seconds, 0 = the kernel's (7200 on Linux)",
+        "Idle time before the first keepalive probe (TCP_KEEPIDLE), on client and server "
+        "sockets, with tcp_keepalive on. PgBouncer's setting. A reload applies it to "
+        "connections made afterwards.",
+    ),
+    "tcp_keepintvl": Setting(
+        CONNECTIONS,
+        "whole seconds, 0 = the kernel's (75 on Linux)",
+        "Time between keepalive probes (TCP_KEEPINTVL). PgBouncer's setting.",
+    ),
+    "tcp_keepcnt": Setting(
+        CONNECTIONS,
+        "count, 0 to 127, 0 = the kernel's (9 on Linux)",
+        "Unanswered probes before the connection is dropped (TCP_KEEPCNT). PgBouncer's "
+        "setting. Dead peer noticed after about tcp_keepidle + tcp_keepintvl x tcp_keepcnt.",
+    ),
+    "tcp_user_timeout": Setting(
+        CONNECTIONS,
+        "milliseconds, 0 = the kernel's",
+        "How long sent data may stay unacknowledged before the connection is dropped "
+        "(TCP_USER_TIMEOUT): a server or client that vanished mid-transfer is noticed "
+        "without waiting for retransmissions to run out. PgBouncer's setting and unit.",
     ),
     "max_packet_size": Setting(
         CONNECTIONS,

@@ -36,10 +36,6 @@ _POOL_LIMIT = (
     "under PostgreSQL's max_connections"
 )
 _CLIENT_LIMIT = "pgmux limits client connections in total (max_client_conn)"
-_KEEPALIVE = (
-    "pgmux turns on SO_KEEPALIVE (tcp_keepalive) with the kernel's timings; tune "
-    "net.ipv4.tcp_keepalive_* with sysctl"
-)
 _DNS = "pgmux asks the system resolver at each new server connection and caches nothing"
 _RESERVE = "pgmux has no reserve pool; raise the pool size instead"
 _NO_CHECK = "pgmux does not test idle servers before reuse: a dead one is found on first use"
@@ -103,10 +99,6 @@ MISSING |= _table(True, {
     "application_name_add_host": ("0", "pgmux passes application_name on unchanged; SHOW "
                                   "CLIENTS shows each client's address"),
     "login_notify_message": ("", "pgmux sends no message at login"),
-    "tcp_keepidle": ("0|", _KEEPALIVE),
-    "tcp_keepintvl": ("0|", _KEEPALIVE),
-    "tcp_keepcnt": ("0|", _KEEPALIVE),
-    "tcp_user_timeout": ("0", "pgmux leaves TCP_USER_TIMEOUT to the kernel"),
     "dns_max_ttl": ("15", _DNS),
     "dns_nxdomain_ttl": ("15", _DNS),
     "dns_zone_check_period": ("0", _DNS),
@@ -140,7 +132,8 @@ SAME_NAME = frozenset((
     "idle_transaction_timeout", "query_timeout", "stats_period", "server_reset_query",
     "auth_file", "auth_hba_file", "auth_user", "auth_query", "auth_dbname", "admin_users",
     "stats_users", "log_connections", "log_disconnections", "log_pooler_errors", "log_stats",
-    "tcp_keepalive", "client_tls_key_file", "client_tls_cert_file", "client_tls_ca_file",
+    "tcp_keepalive", "tcp_keepidle", "tcp_keepintvl", "tcp_keepcnt", "tcp_user_timeout",
+    "client_tls_key_file", "client_tls_cert_file", "client_tls_ca_file",
     "client_tls_protocols", "client_tls_ciphers", "server_tls_key_file",
     "server_tls_cert_file", "server_tls_ca_file", "server_tls_protocols", "server_tls_ciphers",
 ))  # fmt: skip

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import ssl
 import time
 from bisect import bisect_left
@@ -56,6 +55,7 @@ from .session_state import (
     STATE_QUERY,
     STATE_TAGS,
 )
+from .sockets import apply_tcp_options, tcp_options
 from .stats import DURATION_BOUNDS
 
 if TYPE_CHECKING:
@@ -87,21 +87,6 @@ FETCH_INTERESTING = interesting_table(b"ZSEGD")
 ErrorFields = dict[str, str]
 Rows = list[list[bytes | None]]
 QueryDone = Callable[[int, ErrorFields | None], None]
-
-
-def tune_socket(transport: asyncio.BaseTransport, keepalive: bool) -> None:
-    """SO_KEEPALIVE, on the TCP connections pgmux opens to servers. (Client sockets
-    inherit it from the listening socket, where App.startup sets it.)
-
-    TCP_NODELAY (every message is latency) is on already: uvloop and asyncio set it on
-    every TCP transport they make (tests/unit/test_socket_options.py holds them to it),
-    and setting it again cost a syscall per connection.
-    """
-    if not keepalive:
-        return
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
 
 def open_server(registry: Registry, pool: Pool) -> None:
@@ -138,6 +123,7 @@ class ServerConnection(asyncio.Protocol):
         "registry",
         "relaying",
         "reset_pending",
+        "retire_at",
         "retrying",
         "rows",
         "settings",
@@ -171,6 +157,7 @@ class ServerConnection(asyncio.Protocol):
         self.backend_key = 0
         self.tx_status = codes.TX_IDLE
         self.created_at = now
+        self.retire_at = float("inf")  # set by the pool once connected (lifetime_end)
         self.idle_since = now
         self.login: ServerLogin | None = None  # while logging in
         self.statement_mode = pool.mode == "statement"
@@ -256,7 +243,9 @@ class ServerConnection(asyncio.Protocol):
             transport.abort()  # the connect timed out while the kernel finished it
             return
         self.transport = transport
-        tune_socket(transport, self.registry.config.tcp_keepalive)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            apply_tcp_options(sock, tcp_options(self.registry.config))
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self.pool.server_connected(self)
         timeout = self.registry.config.server_connect_timeout

@@ -273,6 +273,8 @@ def test_value_types(tmp_path: Path) -> None:
         "log_disconnections = off\n"
         "log_pooler_errors = TRUE\n"
         "tcp_keepalive = 1\n"
+        "tcp_keepidle = 30\n"
+        "tcp_user_timeout = 1000\n"
         "admin_users = admin, ops ,root\n"
         "stats_users =\n"
         "unix_socket_mode = 0700\n"
@@ -286,6 +288,7 @@ def test_value_types(tmp_path: Path) -> None:
     assert (raw["server_connect_timeout"], raw["idle_transaction_timeout"]) == (2, 3600)
     assert (raw["log_connections"], raw["log_disconnections"]) == (False, False)
     assert (raw["log_pooler_errors"], raw["tcp_keepalive"]) == (True, True)
+    assert (raw["tcp_keepidle"], raw["tcp_user_timeout"]) == (30, 1000)
     assert (raw["admin_users"], raw["stats_users"]) == (["admin", "ops", "root"], [])
     assert (raw["unix_socket_mode"], raw["unix_socket_dir"]) == ("0700", "")
     config = load(converted)
@@ -558,8 +561,6 @@ def test_peers_are_listed(tmp_path: Path) -> None:
         ("server_check_query = select 1", "not supported by pgmux yet"),
         ("server_round_robin = 1", "not supported by pgmux yet"),
         ("transaction_timeout = 60", "not supported by pgmux yet"),
-        ("tcp_keepidle = 30", "not supported by pgmux yet"),
-        ("tcp_user_timeout = 1000", "not supported by pgmux yet"),
         ("dns_max_ttl = 60", "not supported by pgmux yet"),
         ("peer_id = 1", "not supported by pgmux yet"),
         ("no_such_setting = 1", "not a PgBouncer setting pgmux knows"),
@@ -584,7 +585,6 @@ def test_settings_pgmux_lacks_are_listed_with_file_and_line(
         "reserve_pool_size = 0",
         "max_db_connections = 0",
         "server_round_robin = 0",
-        "tcp_keepcnt = 0",
         "dns_max_ttl = 15",
         "pkt_buf = 4096",
         "ignore_startup_parameters = extra_float_digits",
