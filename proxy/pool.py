@@ -15,6 +15,7 @@ import contextlib
 import enum
 import logging
 import os
+import random
 import secrets
 import ssl
 import time
@@ -52,6 +53,19 @@ class ServerState(enum.Enum):
     CLOSED = "closed"
 
 
+# Each server retires after server_lifetime less a random part of up to this fraction,
+# drawn when it connects: servers opened together (a pool filled in a burst) do not all
+# reconnect in the same moment. PgBouncer has no jitter.
+LIFETIME_JITTER = 0.1
+
+
+def lifetime_end(created_at: float, lifetime: float) -> float:
+    """When a server created at ``created_at`` retires (``inf``: server_lifetime = 0)."""
+    if not lifetime:
+        return float("inf")
+    return created_at + lifetime * (1.0 - LIFETIME_JITTER * random.random())
+
+
 class ClientState(enum.Enum):
     LOGIN = "login"  # startup and authentication
     IDLE = "idle"  # logged in, holds no server
@@ -67,6 +81,7 @@ class PooledServer(Protocol):
     state: ServerState
     settings: Settings
     created_at: float
+    retire_at: float  # server_lifetime, jittered: see lifetime_end
     idle_since: float
     generation: int
 
@@ -165,7 +180,11 @@ class Pool:
     def reconfigure(self, settings: PoolSettings, config: Config, *, new_servers: bool) -> None:
         """A reload's settings for this pool. ``new_servers``: how pgmux reaches or logs
         in to the server changed, so servers of the old settings are replaced."""
+        lifetime = self.config.server_lifetime
         self._configure(settings, config)
+        if config.server_lifetime != lifetime:
+            for server in self.servers:
+                server.retire_at = lifetime_end(server.created_at, config.server_lifetime)
         if new_servers:
             self.new_generation("the configuration changed (RELOAD)")
         excess = len(self.servers) - self.size
@@ -278,9 +297,8 @@ class Pool:
         if self.draining and self._close_released(server):
             return
         now = time.monotonic()
-        lifetime = self.config.server_lifetime
-        if lifetime and now - server.created_at > lifetime and not self.n_waiting:
-            server.close(f"server_lifetime of {lifetime:g} s reached")
+        if now > server.retire_at and not self.n_waiting:
+            server.close(f"server_lifetime of {self.config.server_lifetime:g} s reached")
             return
         waiter = self._next_waiter()
         if waiter is not None:
@@ -311,6 +329,7 @@ class Pool:
         self.connecting -= 1
         self.logging_in += 1
         server.state = ServerState.LOGIN
+        server.retire_at = lifetime_end(server.created_at, self.config.server_lifetime)
         self.servers.add(server)
 
     def server_logged_in(self, server: PooledServer) -> None:
@@ -426,7 +445,7 @@ class Pool:
                 return
             if idle_timeout and now - server.idle_since > idle_timeout:
                 server.close(f"server_idle_timeout of {idle_timeout:g} s reached")
-            elif lifetime and now - server.created_at > lifetime:
+            elif now > server.retire_at:
                 server.close(f"server_lifetime of {lifetime:g} s reached")
 
     def take_stale_settings(self, live: set[int]) -> list[PooledServer]:

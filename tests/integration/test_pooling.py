@@ -12,6 +12,7 @@ import asyncpg
 import psycopg
 import pytest
 from support.helpers import (
+    Su,
     app_backends,
     app_table,
     connect_asyncpg,
@@ -97,6 +98,66 @@ async def test_a_burst_of_logins_on_a_fresh_pool(pgmux_factory: PgmuxFactory) ->
     assert not failures, f"{len(failures)} of {n_clients} logins failed, first: {failures[0]!r}"
     assert results == [1] * n_clients
     assert "RecursionError" not in pgmux.log() and "recursion" not in pgmux.log()
+
+
+async def test_server_lifetime_retires_servers_without_errors(
+    pgmux_factory: PgmuxFactory,
+) -> None:
+    """A server past server_lifetime is closed when it comes back, and the client's next
+    transaction gets a fresh one, never an error."""
+    pgmux = pgmux_factory({"default_pool_size": 1, "server_lifetime": 1})
+    conn = await connect_asyncpg(pgmux)
+    try:
+        pids = set()
+        deadline = time.monotonic() + 3.5
+        while time.monotonic() < deadline:
+            pids.add(await conn.fetchval("SELECT pg_backend_pid()"))
+            await asyncio.sleep(0.05)
+        assert len(pids) >= 3, pids  # one server per second or so
+    finally:
+        await conn.close()
+    assert "server_lifetime of 1 s reached" in pgmux.log()
+
+
+async def test_server_lifetime_is_jittered_so_a_pool_does_not_reconnect_at_once(
+    pgmux_factory: PgmuxFactory, su: Su
+) -> None:
+    """Twenty servers opened together retire over the last tenth of server_lifetime
+    (here 30 s: from 27 s on), not in the one janitor sweep that finds them all due.
+    Without jitter the closes could spread no wider than the openings did plus one
+    sweep (0.5 s); with it, twenty draws over 3 s spread wider than 1 s but for a
+    chance of about 1e-7."""
+    lifetime, n = 30, 20
+    pgmux = pgmux_factory({"default_pool_size": n, "server_lifetime": lifetime})
+    conns = [await connect_asyncpg(pgmux) for _ in range(n)]
+    try:
+        await asyncio.gather(*(c.execute("SELECT pg_sleep(0.3)") for c in conns))
+        opened = await fetch_value(
+            su,
+            "SELECT extract(epoch FROM max(backend_start) - min(backend_start)) "
+            "FROM pg_stat_activity WHERE usename = %s AND backend_type = 'client backend'",
+            [APP_USER],
+        )
+        reached = f"server_lifetime of {lifetime} s reached"
+        await wait_until(
+            lambda: pgmux.log().count(reached) == n,
+            timeout=lifetime + 5,
+            interval=0.2,
+            what=f"all {n} servers retired",
+        )
+    finally:
+        await asyncio.gather(*(c.close() for c in conns))
+    closes = sorted(
+        _clock_seconds(line.split(" ")[1]) for line in pgmux.log().splitlines() if reached in line
+    )
+    spread = closes[-1] - closes[0]
+    assert spread > float(opened) + 0.5 + 0.5, (spread, float(opened))
+
+
+def _clock_seconds(stamp: str) -> float:
+    """HH:MM:SS.mmm of a log line, in seconds."""
+    hours, minutes, seconds = stamp.split(":")
+    return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
 
 
 async def test_transaction_stays_on_one_server(pgmux: PgmuxProcess, table: str) -> None:
