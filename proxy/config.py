@@ -78,6 +78,7 @@ class UserConfig:
     client_idle_timeout: float | None = None
     idle_transaction_timeout: float | None = None
     query_timeout: float | None = None
+    transaction_timeout: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +125,7 @@ class Config:
     client_idle_timeout: float = 0.0
     idle_transaction_timeout: float = 0.0
     query_timeout: float = 0.0
+    transaction_timeout: float = 0.0
     unix_socket_dir: str = ""
     unix_socket_mode: int = 0o777
     max_prepared_statements: int = 200
@@ -300,6 +302,7 @@ def parse_config(raw: Mapping[str, Any], path: str = "<config>") -> Config:
         "client_idle_timeout",
         "idle_transaction_timeout",
         "query_timeout",
+        "transaction_timeout",
     ):
         values[name] = reader.seconds(name, getattr(defaults, name))
     values["client_tls"] = _tls(reader, "client_tls_", "disable")
@@ -470,6 +473,7 @@ def _user(name: str, table: _Reader) -> UserConfig:
         client_idle_timeout=table.optional("client_idle_timeout", table.seconds),
         idle_transaction_timeout=table.optional("idle_transaction_timeout", table.seconds),
         query_timeout=table.optional("query_timeout", table.seconds),
+        transaction_timeout=table.optional("transaction_timeout", table.seconds),
     )
     table.finish()
     return config

@@ -293,6 +293,14 @@ SETTINGS: Mapping[str, Setting] = {
         "sends PostgreSQL a cancel request, so the client gets 57014 and stays "
         "connected. Overridden per user.",
     ),
+    "transaction_timeout": Setting(
+        TIMEOUTS,
+        _SECONDS,
+        "A transaction open this long, explicit or the implicit one of a single "
+        "statement, busy or idle, ends its client's connection with FATAL 25P04; the "
+        "transaction is rolled back (a running query cancelled first) and the server "
+        "goes back clean. PostgreSQL 17's and PgBouncer's meaning. Overridden per user.",
+    ),
     # -- Connections
     "server_reset_query": Setting(
         CONNECTIONS,
@@ -617,6 +625,9 @@ USER_SETTINGS: Mapping[str, Setting] = {
     ),
     "query_timeout": Setting(
         PER_USER, _SECONDS, "query_timeout for this user.", unset="query_timeout"
+    ),
+    "transaction_timeout": Setting(
+        PER_USER, _SECONDS, "transaction_timeout for this user.", unset="transaction_timeout"
     ),
 }
 

@@ -66,7 +66,10 @@ def sweep(registry: Registry, now: float) -> None:
             pool.fill_min_pool()
             pool.retry_dispatch()
         watch_clients = watch_clients or bool(
-            pool.client_idle_timeout or pool.idle_transaction_timeout or pool.query_timeout
+            pool.client_idle_timeout
+            or pool.idle_transaction_timeout
+            or pool.query_timeout
+            or pool.transaction_timeout
         )
         if pool.n_waiting and now - pool.queue_logged_at >= QUEUE_LOG_INTERVAL:
             log_queue(registry, pool, now)
@@ -194,6 +197,25 @@ def reset_stale_settings(registry: Registry) -> None:
             server.reset_settings()
 
 
+def _transaction_timed_out(client: ClientConnection, now: float, limit: float) -> bool:
+    """transaction_timeout: a transaction, explicit or the implicit one of a single
+    statement, open longer than ``limit`` ends its client's connection, as PostgreSQL
+    17's does; closing rolls it back (a running query is cancelled first)."""
+    since = client.xact_since or max(client.busy_since, 0.0)
+    if not since or now - since < limit:
+        return False
+    client.fail(
+        ProxyError(
+            f"transaction_timeout: in a transaction for {now - since:.0f} s (limit "
+            f"{limit:g} s); the transaction was rolled back",
+            hint="keep transactions short, or raise transaction_timeout (global or per user)",
+            sqlstate="25P04",  # transaction_timeout
+            reason="transaction_timeout",
+        )
+    )
+    return True
+
+
 def check_client(client: ClientConnection, now: float) -> None:
     """Apply the client timeouts of the client's pool to one client."""
     if not client.welcomed or client.state is ClientState.ADMIN:
@@ -205,6 +227,8 @@ def check_client(client: ClientConnection, now: float) -> None:
         condition, limit = "idle", pool.client_idle_timeout
     elif client.state is not ClientState.ACTIVE or server is None or client.terminating:
         client.watch = None
+        return
+    elif pool.transaction_timeout and _transaction_timed_out(client, now, pool.transaction_timeout):
         return
     elif fe.requests:
         condition, limit = "query", pool.query_timeout

@@ -43,9 +43,6 @@ _STARTUP_PARAMETER = (
     "pgmux sends no startup parameters of its own; set it for the database or role "
     "instead: ALTER DATABASE ... SET / ALTER ROLE ... SET"
 )
-_TRANSACTION_TIMEOUT = (
-    "use idle_transaction_timeout, or PostgreSQL 17's transaction_timeout per role"
-)
 
 # [pgbouncer] settings that belong to the process: pgmux leaves them to its supervisor.
 MISSING = _table(False, {
@@ -94,7 +91,6 @@ MISSING |= _table(True, {
                           "reload made stale when its client leaves"),
     "autodb_idle_timeout": ("*", "pgmux has no fallback (*) database"),
     "pool_idle_timeout": ("0", "pgmux keeps empty pools"),
-    "transaction_timeout": ("0", _TRANSACTION_TIMEOUT),
     "disable_pqexec": ("0", "pgmux does not refuse the simple query protocol"),
     "application_name_add_host": ("0", "pgmux passes application_name on unchanged; SHOW "
                                   "CLIENTS shows each client's address"),
@@ -127,6 +123,7 @@ for _key, _off_with in _OFF_WITH.items():
 SAME_NAME = frozenset((
     "listen_port", "listen_backlog", "default_pool_size", "min_pool_size", "max_client_conn",
     "max_packet_size", "max_prepared_statements", "query_wait_timeout", "query_wait_notify",
+    "transaction_timeout",
     "client_login_timeout", "server_connect_timeout", "server_login_retry",
     "server_idle_timeout", "cancel_wait_timeout", "client_idle_timeout",
     "idle_transaction_timeout", "query_timeout", "stats_period", "server_reset_query",
@@ -159,7 +156,6 @@ USER_MISSING = _table(True, {
     "max_user_connections": ("0", _POOL_LIMIT),
     "max_user_client_connections": ("0", _CLIENT_LIMIT),
     "reserve_pool_size": ("0", _RESERVE),
-    "transaction_timeout": ("0", _TRANSACTION_TIMEOUT),
 })  # fmt: skip
 # PgBouncer's "-1 = not set" for per-database and per-user timeouts.
 UNSET_TIMEOUT = "-1"

@@ -174,6 +174,7 @@ class Pool:
         self.client_idle_timeout = config.timeout_for("client_idle_timeout", user)
         self.idle_transaction_timeout = config.timeout_for("idle_transaction_timeout", user)
         self.query_timeout = config.timeout_for("query_timeout", user)
+        self.transaction_timeout = config.timeout_for("transaction_timeout", user)
 
     # -- live control ----------------------------------------------------------------
 

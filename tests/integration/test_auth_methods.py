@@ -26,6 +26,7 @@ from support.auth import (
 )
 from support.helpers import (
     Su,
+    app_backends,
     connect_asyncpg,
     connect_psycopg,
     error_of,
@@ -701,3 +702,60 @@ async def test_user_query_and_idle_timeouts(pgmux_factory: PgmuxFactory) -> None
         await md5.close()
         await app.close()
         await app_idle.close()
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["between statements", "mid-statement"])
+async def test_transaction_timeout(
+    pgmux_factory: PgmuxFactory, su: Su, itx_table: str, busy: bool
+) -> None:
+    """A transaction open longer than transaction_timeout, busy or not, ends with 25P04
+    naming the limit; it is rolled back and the pool's server is clean for the next
+    client. Shorter transactions, and time between transactions, are left alone."""
+    pgmux = pgmux_factory({"transaction_timeout": 2, "default_pool_size": 1})
+    client = await _raw_login(pgmux)
+    try:
+        # A transaction shorter than the limit, then idle time longer than it: fine.
+        assert (await client.simple_query("BEGIN")).status == "T"
+        await asyncio.sleep(1)
+        assert (await client.simple_query("COMMIT")).status == "I"
+        await asyncio.sleep(2.5)
+        assert (await client.simple_query("BEGIN")).status == "T"
+        result = await client.simple_query(f"INSERT INTO {itx_table} VALUES (1)")
+        assert result.status == "T" and not result.errors
+        started = time.monotonic()
+        if busy:
+            await client.send(query("SELECT pg_sleep(30)"))
+        fields = await _closed_by_pgmux(client, 6)
+        elapsed = time.monotonic() - started
+    finally:
+        await client.close()
+    assert fields["C"] == "25P04" and fields["S"] == "FATAL", fields
+    assert "transaction_timeout" in fields["M"] and "rolled back" in fields["M"]
+    assert 1.4 <= elapsed < 3.5, elapsed
+    assert await fetch_value(su, f"SELECT count(*) FROM {itx_table}") == 0
+    conn = await connect_asyncpg(pgmux)
+    try:  # the one server: no sleep running on it, no transaction left open
+        assert await asyncio.wait_for(conn.fetchval(f"SELECT count(*) FROM {itx_table}"), 3) == 0
+    finally:
+        await conn.close()
+    backends = await app_backends(su)
+    assert all(state == "idle" for _, state, _, _ in backends), backends
+
+
+async def test_transaction_timeout_counts_a_single_statement_and_is_per_user(
+    pgmux_factory: PgmuxFactory,
+) -> None:
+    """A lone statement is a transaction too (PostgreSQL's rule); [users.NAME]
+    transaction_timeout overrides the global one."""
+    pgmux = pgmux_factory(
+        {"transaction_timeout": 1, "users": {MD5_USER: {"transaction_timeout": 0}}}
+    )
+    app = await connect_asyncpg(pgmux)
+    md5 = await connect_asyncpg(pgmux, MD5_USER, MD5_PASSWORD)
+    try:
+        error = await error_of(asyncio.wait_for(app.fetchval("SELECT pg_sleep(10)"), 8))
+        assert error.sqlstate == "25P04", error
+        assert await md5.fetchval("SELECT pg_sleep(1.6)::text") == ""  # no limit for md5user
+    finally:
+        app.terminate()
+        await md5.close()

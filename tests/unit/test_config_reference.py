@@ -235,6 +235,7 @@ def test_unset_table_keys_take_the_global_value() -> None:
         "client_idle_timeout": 6,
         "idle_transaction_timeout": 8,
         "query_timeout": 9,
+        "transaction_timeout": 10,
     }
     config = parse_config(raw)
     database = config.databases["app"]

@@ -519,13 +519,14 @@ def test_users(tmp_path: Path) -> None:
         tmp_path,
         "[databases]\napp = host=h\n[pgbouncer]\n[users]\n"
         "app = pool_mode=Session pool_size=4 query_timeout=30 query_wait_timeout=-1 "
-        "idle_transaction_timeout=1min client_idle_timeout=0\n"
+        "idle_transaction_timeout=1min client_idle_timeout=0 transaction_timeout=5min\n"
         "batch = max_user_connections=10 max_user_client_connections=0 whatever=1\n",
     )
     users = converted.raw["users"]
     assert users == {
         "app": {"pool_mode": "session", "pool_size": 4, "query_timeout": 30,
-                "idle_transaction_timeout": 60, "client_idle_timeout": 0},
+                "idle_transaction_timeout": 60, "client_idle_timeout": 0,
+                "transaction_timeout": 300},
         "batch": {},
     }  # fmt: skip
     assert "means not set" in one(converted.notes, "query_wait_timeout=-1")
@@ -560,7 +561,6 @@ def test_peers_are_listed(tmp_path: Path) -> None:
         ("max_user_connections = 50", "not supported by pgmux yet"),
         ("server_check_query = select 1", "not supported by pgmux yet"),
         ("server_round_robin = 1", "not supported by pgmux yet"),
-        ("transaction_timeout = 60", "not supported by pgmux yet"),
         ("dns_max_ttl = 60", "not supported by pgmux yet"),
         ("peer_id = 1", "not supported by pgmux yet"),
         ("no_such_setting = 1", "not a PgBouncer setting pgmux knows"),
