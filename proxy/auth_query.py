@@ -100,6 +100,8 @@ class _Lookup:
         self.state = ClientState.CLOSED
         self.owner.finish(self.key, None, _lookup_failed(self.key[1], error.message))
 
+    wait_expired = fail_wait  # a lookup that waited too long has failed all the same
+
     def _answered(self, server: ServerConnection, rows: Rows, error: ErrorFields | None) -> None:
         self.state = ClientState.CLOSED
         server.settle(None)

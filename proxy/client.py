@@ -545,6 +545,14 @@ class ClientConnection(asyncio.Protocol):
         self.send_error(error, fatal=True)
 
     def fail_wait(self, error: ProxyError) -> None:
+        """The pool cannot get a server for anyone (the server is down or refuses
+        logins): the waiting client gets the error as FATAL, as from PgBouncer. Its
+        session would only fail again, and drivers that track a transaction they began
+        (asyncpg's transaction()) are left confused by a BEGIN that failed but kept the
+        connection."""
+        self.fail(error)
+
+    def wait_expired(self, error: ProxyError) -> None:
         """query_wait_timeout (called by the pool, which has taken the client out of its
         queue): the request that waited gets an ERROR and the session goes on, so the
         client can retry on the same connection (PgBouncer closes it). The error answers

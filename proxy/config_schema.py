@@ -242,8 +242,10 @@ SETTINGS: Mapping[str, Setting] = {
         _SECONDS,
         "After a server login failed (PostgreSQL refused it), new client logins to that "
         "pool get the cached error this long instead of another attempt, while no server "
-        "connection of the pool is up (PgBouncer's knob and default; pgmux does not "
-        "apply it to connection failures).",
+        "connection of the pool is up (PgBouncer's knob and default). pgmux does not "
+        "apply it to outages: a server it cannot reach, one that closes the connection "
+        "during the login, or one starting up or shutting down (57P03) is tried again "
+        "at once, so a PostgreSQL restart costs clients only its own length.",
     ),
     "server_idle_timeout": Setting(
         TIMEOUTS,

@@ -53,6 +53,11 @@ class ServerState(enum.Enum):
     CLOSED = "closed"
 
 
+# Server login failures that mean "not now" rather than "not like this": 57P03
+# (cannot_connect_now: starting up, shutting down, in recovery) and 08006 (the
+# connection closed during the login, as in a restart or crash).
+TRANSIENT = frozenset(("57P03", "08006"))
+
 # Each server retires after server_lifetime less a random part of up to this fraction,
 # drawn when it connects: servers opened together (a pool filled in a burst) do not all
 # reconnect in the same moment. PgBouncer has no jitter.
@@ -99,6 +104,8 @@ class PooledClient(Protocol):
     def assign_server(self, server: Any) -> None: ...
 
     def fail_wait(self, error: ProxyError) -> None: ...
+
+    def wait_expired(self, error: ProxyError) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,9 +404,12 @@ class Pool:
             self._open_server(self)
 
     def _retry_blocked(self) -> bool:
-        """After a failed login, wait server_login_retry before hammering the server."""
+        """After a failed login, wait server_login_retry before hammering the server.
+        Not after an outage: a server that cannot be reached, closed the connection
+        during the login, or is starting up or shutting down (57P03) is tried again at
+        once, so a restart of PostgreSQL costs clients its own length, not 15 s."""
         error = self.last_error
-        if error is None or isinstance(error, ServerUnreachable):
+        if error is None or isinstance(error, ServerUnreachable) or error.sqlstate in TRANSIENT:
             return False
         return time.monotonic() - self.last_error_at < self.config.server_login_retry
 
@@ -428,7 +438,7 @@ class Pool:
             self.n_waiting -= 1
             client.state = ClientState.IDLE
             busy = len(self.servers)
-            client.fail_wait(
+            client.wait_expired(
                 QueryWaitTimeout(
                     f'pool "{self.name}" exhausted: {busy} of {self.size} server connections '
                     f"busy, waited {waited:.1f} s (query_wait_timeout)",

@@ -973,8 +973,9 @@ class ServerConnection(asyncio.Protocol):
                 self.login_failed(
                     ServerLoginFailed(
                         f'server login failed for pool "{self.pool.name}": {why}',
-                        hint="PostgreSQL's log says why: often pg_hba.conf, or max_connections "
-                        "reached (lower the pool sizes, or raise max_connections)",
+                        hint="PostgreSQL restarting or crashing does this; otherwise its log "
+                        "says why",
+                        sqlstate="08006",  # connection_failure: tried again at once
                     )
                 )
             else:
