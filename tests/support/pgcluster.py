@@ -241,9 +241,13 @@ class PgCluster:
                 str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "stop",
             ])  # fmt: skip
 
-    def restart(self) -> None:
-        self.stop()
-        self.start()
+    def restart(self, mode: str = "fast") -> None:
+        """``pg_ctl restart -m MODE``: stop (smart, fast or immediate), start again, and
+        return once the server accepts connections."""
+        self._run([
+            str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.logfile),
+            "-m", mode, "-w", "-t", "60", "restart",
+        ])  # fmt: skip
 
     def destroy(self) -> None:
         if (self.datadir / "postmaster.pid").exists():
