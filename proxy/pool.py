@@ -201,6 +201,8 @@ class Pool:
                 break
             server.close(f"pool_size lowered to {self.size} (RELOAD)")
             excess -= 1
+        # Busy servers beyond the new size close as they are released, not reused.
+        self._update_draining()
         self._dispatch()
 
     def new_generation(self, why: str) -> None:
@@ -237,7 +239,12 @@ class Pool:
         return sum(1 for server in self.servers if server.generation != self.generation)
 
     def _update_draining(self) -> None:
-        self.draining = self.paused or self.retired or self.old_servers() > 0
+        self.draining = (
+            self.paused
+            or self.retired
+            or self.old_servers() > 0
+            or len(self.servers) > self.size  # pool_size lowered while servers were busy
+        )
 
     def _close_released(self, server: PooledServer) -> bool:
         """While draining: close a released server that must not be reused (True)."""
@@ -247,6 +254,8 @@ class Pool:
             server.close("its pool was replaced by a reload (pool_mode changed)")
         elif server.generation != self.generation:
             server.close("the configuration changed (RELOAD or RECONNECT)")
+        elif len(self.servers) > self.size:
+            server.close(f"pool_size lowered to {self.size} (RELOAD or SET)")
         else:
             return False
         return True

@@ -302,6 +302,32 @@ async def _only_via(su: Su, how: str) -> bool:
 # -- SET ---------------------------------------------------------------------------------
 
 
+async def test_lowering_pool_size_while_every_server_is_busy(
+    pgmux_factory: PgmuxFactory, console: Console, su: Su
+) -> None:
+    """Servers busy when pool_size is lowered close as they are released instead of
+    being handed to the next waiter, so the pool shrinks to the new size under load."""
+    pgmux = start_with_admin(pgmux_factory, default_pool_size=5)
+    admin = await console(pgmux)
+    await wait_until(lambda: _no_backends(su), DEADLINE, what="no app backends left over")
+    async with open_clients(pgmux, 8) as conns:
+        holders = conns[:5]
+        for conn in holders:
+            await conn.execute("BEGIN")
+            await conn.fetchval("SELECT 1")
+        assert await backend_count(su) == 5
+        assert (await command(admin, "SET default_pool_size = 2") or "").startswith("SET")
+        for conn in holders:  # released into a queue of the three others
+            await conn.execute("COMMIT")
+        sleepers = Sleepers(conns)
+        try:
+            assert await max_backends_under(su, sleepers) <= 2
+        finally:
+            await sleepers.stop()
+        assert not sleepers.errors, sleepers.errors
+    assert "pool_size lowered to 2" in pgmux.log()
+
+
 async def test_set_changes_a_setting_until_the_next_reload(
     pgmux_factory: PgmuxFactory, console: Console, su: Su
 ) -> None:
