@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from . import codes
@@ -88,11 +88,10 @@ TRACKED_FRONTEND = interesting_table(b"PBDCQ")
 NOTHING = interesting_table(b"")
 
 
-def first_request_end(data: bytes) -> int | None:
-    """Where the first request in ``data`` (whole client messages, nothing sent yet)
-    ends: after its Query or FunctionCall, or after the Sync closing an extended batch.
-    None when that end has not arrived yet, or the first message is not part of a
-    request (COPY data, Terminate) or is malformed: then nothing can be cut off."""
+def _request_messages(data: bytes) -> Iterator[tuple[int, int, int]]:
+    """(start, kind, end) of each whole client message in ``data`` that can be part of
+    a request; on one that is malformed or no part of a request (COPY data, Terminate)
+    it yields (start, K_INVALID, start) and stops. An incomplete last message ends it."""
     pos = 0
     n = len(data)
     while n - pos >= 5:
@@ -100,10 +99,22 @@ def first_request_end(data: bytes) -> int | None:
         length: int = _unpack_length(data, pos + 1)[0]
         end = pos + 1 + length
         if length < 4 or end > n or kind not in (K_REQUEST, K_SYNC, K_EXTENDED, K_FLUSH):
+            yield pos, K_INVALID, pos
+            return
+        yield pos, kind, end
+        pos = end
+
+
+def first_request_end(data: bytes) -> int | None:
+    """Where the first request in ``data`` (whole client messages, nothing sent yet)
+    ends: after its Query or FunctionCall, or after the Sync closing an extended batch.
+    None when that end has not arrived yet, or the first message is not part of a
+    request (COPY data, Terminate) or is malformed: then nothing can be cut off."""
+    for _, kind, end in _request_messages(data):
+        if kind == K_INVALID:
             return None
         if kind in (K_REQUEST, K_SYNC):
             return end
-        pos = end
     return None
 
 
@@ -116,20 +127,16 @@ def failed_request_end(data: bytes) -> tuple[int, bool] | None:
     yet (a batch sent with Flush, awaiting replies) the whole of ``data`` is answered
     and its Sync is still to come. None if a message is incomplete or not a request
     (COPY data, Terminate): then nothing can be answered cleanly."""
-    pos = 0
-    n = len(data)
-    while n - pos >= 5:
-        kind = _FRONTEND_KIND[data[pos]]
-        length: int = _unpack_length(data, pos + 1)[0]
-        end = pos + 1 + length
-        if length < 4 or end > n or kind not in (K_REQUEST, K_SYNC, K_EXTENDED, K_FLUSH):
+    last = 0
+    for pos, kind, end in _request_messages(data):
+        if kind == K_INVALID:
             return None
         if kind == K_SYNC or (kind == K_REQUEST and pos == 0):
             return end, True
-        pos = end
-    if pos != n or n == 0:
+        last = end
+    if last != len(data) or last == 0:
         return None
-    return n, False
+    return last, False
 
 
 class FrontendStream:

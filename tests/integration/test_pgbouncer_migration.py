@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pwd
 import signal
-import socket
 import subprocess
 import sys
-import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +24,13 @@ import pytest
 from psycopg.rows import dict_row
 from support.admin import show
 from support.helpers import connect_psycopg, run_psql_conninfo
-from support.pgbouncer import ADMIN_PASSWORD, ADMIN_USER, PgBouncerProcess, find_pgbouncer
+from support.pgbouncer import (
+    ADMIN_PASSWORD,
+    ADMIN_USER,
+    PgBouncerProcess,
+    chown_to_postgres,
+    find_pgbouncer,
+)
 from support.pgcluster import APP_DB, APP_PASSWORD, APP_USER, PgCluster, free_port
 from support.pgmux import REPO_ROOT, PgmuxProcess, deep_merge
 
@@ -43,23 +46,9 @@ COMPARED = (
 TX_DB = "apptx"  # the same database again, in transaction mode
 
 
-def _as_postgres() -> dict[str, Any]:
-    """PgBouncer refuses to run as root: run it, and let it read its files, as postgres."""
-    if os.geteuid() != 0:
-        return {}
-    pw = pwd.getpwnam("postgres")
-    return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
-
-
-def _give_to_postgres(path: Path) -> None:
-    if os.geteuid() == 0:
-        pw = pwd.getpwnam("postgres")
-        os.chown(path, pw.pw_uid, pw.pw_gid)
-
-
 def write_pgbouncer_config(pg: PgCluster, directory: Path, port: int) -> Path:
     directory.mkdir(mode=0o755)
-    _give_to_postgres(directory)
+    chown_to_postgres(directory)
     files = {
         "userlist.txt": f'"{APP_USER}" "{APP_PASSWORD}"\n"{ADMIN_USER}" "{ADMIN_PASSWORD}"\n',
         # Pool sizing split off, as many deployments do; relative to PgBouncer's working
@@ -85,32 +74,14 @@ def write_pgbouncer_config(pg: PgCluster, directory: Path, port: int) -> Path:
         path = directory / name
         path.write_text(text)
         os.chmod(path, 0o644)
-        _give_to_postgres(path)
+        chown_to_postgres(path)
     return directory / "pgbouncer.ini"
 
 
 @contextlib.contextmanager
 def running_pgbouncer(ini: Path, port: int) -> Iterator[PgBouncerProcess]:
-    binary = find_pgbouncer()
-    assert binary is not None
-    with open(ini.parent / "pgbouncer.log", "wb") as log:  # the child keeps its own fd
-        proc = subprocess.Popen(  # type: ignore[call-overload]
-            [binary, str(ini)],
-            cwd=ini.parent,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            **_as_postgres(),
-        )
-    bouncer = PgBouncerProcess(proc, ini.parent, port)
+    bouncer = PgBouncerProcess.run(ini, port)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            assert proc.poll() is None, f"pgbouncer exited:\n{bouncer.log()}"
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-                break
-            assert time.monotonic() < deadline, f"pgbouncer does not listen:\n{bouncer.log()}"
-            time.sleep(0.05)
         yield bouncer
     finally:
         bouncer.stop()

@@ -51,7 +51,8 @@ def _as_postgres() -> dict[str, object]:
     return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
 
 
-def _chown_to_postgres(path: Path) -> None:
+def chown_to_postgres(path: Path) -> None:
+    """As root, give ``path`` to the postgres OS user, whom PgBouncer runs as."""
     if os.geteuid() == 0:
         pw = pwd.getpwnam("postgres")
         os.chown(path, pw.pw_uid, pw.pw_gid)
@@ -99,7 +100,7 @@ class PgBouncerProcess:
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         os.chmod(workdir, 0o755)
-        _chown_to_postgres(workdir)
+        chown_to_postgres(workdir)
         port = free_port()
         userlist = workdir / "userlist.txt"
         userlist.write_text(
@@ -135,7 +136,20 @@ class PgBouncerProcess:
         )
         for path in (userlist, ini):
             os.chmod(path, 0o644)
-            _chown_to_postgres(path)
+            chown_to_postgres(path)
+        return cls.run(ini, port, binary=binary, timeout=timeout)
+
+    @classmethod
+    def run(
+        cls, ini: Path, port: int, *, binary: str | None = None, timeout: float = START_TIMEOUT
+    ) -> PgBouncerProcess:
+        """Start PgBouncer on an ini file as it is (as postgres when root, in the ini's
+        directory, logging to pgbouncer.log there) and wait until it listens on ``port``.
+        Raises RuntimeError (with the log) if it does not."""
+        binary = binary or find_pgbouncer()
+        if binary is None:
+            raise RuntimeError("pgbouncer is not installed (apt-get install pgbouncer)")
+        workdir = ini.parent
         with open(workdir / "pgbouncer.log", "wb") as stderr:  # the child keeps its own fd
             proc = subprocess.Popen(  # type: ignore[call-overload]
                 [binary, str(ini)],
