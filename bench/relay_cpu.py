@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from proxy.auth.scram import ScramClientSession
 from proxy.client import ClientConnection
 from proxy.config import parse_config
+from proxy.hosts import HostList
 from proxy.pool import ClientState, Registry
 from proxy.protocol import messages
 from proxy.protocol.stream import TRACKED_FRONTEND
@@ -108,7 +109,10 @@ def build(mode: str, clients: int) -> tuple[list[ClientConnection], ServerConnec
     database = config.databases["app"]
     pool = registry.pool_for(database, "app", None)
     pool.params = {"server_version": "15.0"}
-    server = ServerConnection(registry, pool)
+    walk = HostList(database.hosts, "disable", "any").walk(0.0, 0.0)
+    attempt = walk.next(0.0)
+    assert attempt is not None
+    server = ServerConnection(registry, pool, walk, attempt)
     server.transport = NullTransport()  # type: ignore[assignment]
     pool.server_connected(server)
     pool.server_logged_in(server)

@@ -106,8 +106,10 @@ def _databases(snap: Snapshot, config: Config) -> list[Row]:
     return [
         [
             db["name"], db["host"], db["port"], db["database"], db["force_user"],
-            db["pool_size"], db["min_pool_size"], 0, db["server_lifetime"], db["pool_mode"],
-            None, 0, db["current_connections"], 0, db["current_client_connections"],
+            db["pool_size"], db["min_pool_size"], db["reserve_pool_size"], db["server_lifetime"],
+            db["pool_mode"], db.get("load_balance_hosts"), db["max_connections"],
+            db["current_connections"],
+            db["max_client_connections"], db["current_client_connections"],
             int(db["paused"]), int(db["disabled"]),
         ]
         for db in snap["databases"]
@@ -123,7 +125,8 @@ def _pools(snap: Snapshot, config: Config) -> list[Row]:
                 p["database"], p["user"], p["cl_active"], p["cl_waiting"],
                 p["cl_active_cancel_req"], p["cl_waiting_cancel_req"], p["sv_active"],
                 p["sv_active_cancel"], p["sv_being_canceled"], p["sv_idle"], p["sv_used"],
-                p["sv_tested"], p["sv_login"], wait_s, wait_us, p["pool_mode"], None,
+                p["sv_tested"], p["sv_login"], wait_s, wait_us, p["pool_mode"],
+                p.get("load_balance_hosts"),
                 p["cl_idle_in_transaction"], p["sv_pinned"], p["pool_size"], int(p["paused"]),
             ]
         )  # fmt: skip
@@ -169,11 +172,16 @@ def _users(snap: Snapshot, config: Config) -> list[Row]:
     # PgBouncer prints the per-user sizes as text, "%9d", and "" when not set.
     return [
         [
-            u["name"], f"{u['pool_size']:9d}" if u["pool_size"] is not None else "", "",
-            u["pool_mode"], 0, u["current_connections"], 0, u["current_client_connections"],
+            u["name"], _per_user_size(u["pool_size"]), _per_user_size(u["reserve_pool_size"]),
+            u["pool_mode"], u["max_user_connections"], u["current_connections"],
+            u["max_user_client_connections"], u["current_client_connections"],
         ]
         for u in snap[USERS]
     ]  # fmt: skip
+
+
+def _per_user_size(size: int | None) -> str:
+    return f"{size:9d}" if size is not None else ""
 
 
 def _per_database(snap: Snapshot) -> list[tuple[str, dict[str, float], dict[str, float]]]:

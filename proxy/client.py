@@ -226,6 +226,7 @@ class ClientConnection(asyncio.Protocol):
         stats = self.stats
         if stats is not None:  # from now on no longer summed from the live clients
             self.pool.client_count -= 1
+            registry.client_left(self.pool.settings.database.name, self.user)
             stats.query_count += self.fe.answered
             stats.bytes_received += self.bytes_in
             stats.bytes_sent += self.bytes_out
@@ -579,6 +580,7 @@ class ClientConnection(asyncio.Protocol):
     def start_session(self, database: DatabaseConfig, credential: Credential | None) -> None:
         """Authenticated for ``database``: join its pool and say welcome (called by Login)."""
         registry = self.registry
+        registry.admit_client(database, self.user)  # max_db/user_client_connections
         pool = self.pool = registry.pool_for(database, self.user, credential)
         stats = self.stats = pool.stats
         stats.logins += 1

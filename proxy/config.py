@@ -20,6 +20,10 @@ from .auth.userlist import UserlistError, parse_userlist
 POOL_MODES = ("session", "transaction", "statement")
 AUTH_TYPES = ("trust", "plain", "md5", "scram-sha-256", "cert", "hba")
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+# libpq's values (its load_balance_hosts has disable and random; PgBouncer's has
+# disable and round-robin): see hosts.py.
+TARGET_SESSION_ATTRS = ("any", "read-write", "read-only", "primary", "standby", "prefer-standby")
+LOAD_BALANCE_HOSTS = ("disable", "round-robin", "random")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 MAX_WORKERS = 64
@@ -29,6 +33,9 @@ DEFAULT_AUTH_QUERY = (
     "SELECT rolname, CASE WHEN rolvaliduntil < pg_catalog.now() THEN NULL ELSE rolpassword END "
     "FROM pg_catalog.pg_authid WHERE rolname = $1 AND rolcanlogin"
 )
+# server_check_query's spelling for "send an empty query" (PgBouncer 1.24's default);
+# an empty string turns the checks off, as in PgBouncer.
+CHECK_EMPTY_QUERY = "<empty>"
 
 T = TypeVar("T")
 
@@ -51,14 +58,29 @@ class DatabaseConfig:
     """A ``[databases.NAME]`` entry: the name clients use and where it really lives."""
 
     name: str
+    # One host (or unix socket directory), or several separated by commas, tried as
+    # libpq tries them (see hosts.py); port is one for all of them, or one per host.
     host: str = "127.0.0.1"
-    port: int = 5432
+    port: int | tuple[int, ...] = 5432
     dbname: str = ""
     user: str | None = None
     password: str | None = None
     pool_size: int | None = None
     min_pool_size: int | None = None
     pool_mode: str | None = None
+    reserve_pool_size: int | None = None
+    max_db_connections: int | None = None
+    max_db_client_connections: int | None = None
+    load_balance_hosts: str | None = None
+    target_session_attrs: str | None = None
+
+    @property
+    def hosts(self) -> tuple[tuple[str, int], ...]:
+        """Every (host, port) of the list, in the configured order."""
+        names = self.host.split(",")
+        port = self.port
+        ports = port if isinstance(port, tuple) else (port,) * len(names)
+        return tuple(zip(names, ports, strict=True))
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +96,9 @@ class UserConfig:
     password: str | None = None
     pool_mode: str | None = None
     pool_size: int | None = None
+    reserve_pool_size: int | None = None
+    max_user_connections: int | None = None
+    max_user_client_connections: int | None = None
     query_wait_timeout: float | None = None
     client_idle_timeout: float | None = None
     idle_transaction_timeout: float | None = None
@@ -104,6 +129,15 @@ class Config:
     default_pool_size: int = 20
     min_pool_size: int = 0
     max_client_conn: int = 100
+    reserve_pool_size: int = 0
+    reserve_pool_timeout: float = 5.0
+    max_db_connections: int = 0
+    max_user_connections: int = 0
+    max_db_client_connections: int = 0
+    max_user_client_connections: int = 0
+    server_round_robin: bool = False
+    load_balance_hosts: str = "disable"
+    target_session_attrs: str = "any"
     query_wait_timeout: float = 120.0
     query_wait_notify: float = 5.0
     client_login_timeout: float = 60.0
@@ -112,6 +146,8 @@ class Config:
     server_idle_timeout: float = 600.0
     server_lifetime: float = 3600.0
     server_reset_query: str = "DISCARD ALL"
+    server_check_query: str = CHECK_EMPTY_QUERY
+    server_check_delay: float = 30.0
     cancel_wait_timeout: float = 10.0
     shutdown_timeout: float = 30.0
     max_packet_size: int = 2147483647
@@ -175,6 +211,26 @@ class Config:
             return database.pool_size
         return self.default_pool_size
 
+    def reserve_pool_size_for(self, database: DatabaseConfig, user: str) -> int:
+        """The user's reserve_pool_size, else the database's, else the global one."""
+        user_config = self.users.get(user)
+        if user_config is not None and user_config.reserve_pool_size is not None:
+            return user_config.reserve_pool_size
+        if database.reserve_pool_size is not None:
+            return database.reserve_pool_size
+        return self.reserve_pool_size
+
+    def db_limit(self, database: DatabaseConfig, name: str) -> int:
+        """max_db_connections or max_db_client_connections of ``database`` (0: none)."""
+        value: int | None = getattr(database, name)
+        return value if value is not None else int(getattr(self, name))
+
+    def user_limit(self, user: str, name: str) -> int:
+        """max_user_connections or max_user_client_connections of ``user`` (0: none)."""
+        user_config = self.users.get(user)
+        value: int | None = getattr(user_config, name) if user_config is not None else None
+        return value if value is not None else int(getattr(self, name))
+
     def timeout_for(self, name: str, user: str) -> float:
         """A per-user timeout override, else the global value (seconds, 0 = off)."""
         user_config = self.users.get(user)
@@ -188,6 +244,12 @@ class Config:
         if database.min_pool_size is not None:
             return database.min_pool_size
         return self.min_pool_size
+
+    def load_balance_hosts_for(self, database: DatabaseConfig) -> str:
+        return database.load_balance_hosts or self.load_balance_hosts
+
+    def target_session_attrs_for(self, database: DatabaseConfig) -> str:
+        return database.target_session_attrs or self.target_session_attrs
 
     def unix_socket_path(self) -> str:
         """Where clients find the unix socket (PostgreSQL's name for it), when one is set."""
@@ -225,6 +287,13 @@ def worker_share_warnings(config: Config) -> list[str]:
         if user.pool_size is not None
     ]
     limits.append(("max_client_conn", config.max_client_conn, "client connections"))
+    shared = [
+        ("max_db_connections", "server connections per database"),
+        ("max_user_connections", "server connections per user"),
+        ("max_db_client_connections", "client connections per database"),
+        ("max_user_client_connections", "client connections per user"),
+    ]
+    limits += [(key, getattr(config, key), what) for key, what in shared if getattr(config, key)]
     return [
         f"{key} = {value} is less than workers = {workers}: each worker gets at least 1, "
         f"so up to {workers} {what} in total instead of {value} (raise {key} to at least "
@@ -276,6 +345,22 @@ def parse_config(raw: Mapping[str, Any], path: str = "<config>") -> Config:
     values["min_pool_size"] = reader.integer("min_pool_size", 0, 0)
     values["max_client_conn"] = reader.integer("max_client_conn", 100, 1)
     for name in (
+        "reserve_pool_size",
+        "max_db_connections",
+        "max_user_connections",
+        "max_db_client_connections",
+        "max_user_client_connections",
+    ):
+        values[name] = reader.integer(name, 0, 0)
+    values["reserve_pool_timeout"] = reader.seconds("reserve_pool_timeout", 5.0)
+    values["server_round_robin"] = reader.boolean("server_round_robin", False)
+    values["load_balance_hosts"] = reader.choice(
+        "load_balance_hosts", "disable", LOAD_BALANCE_HOSTS
+    )
+    values["target_session_attrs"] = reader.choice(
+        "target_session_attrs", "any", TARGET_SESSION_ATTRS
+    )
+    for name in (
         "query_wait_timeout",
         "query_wait_notify",
         "client_login_timeout",
@@ -288,6 +373,12 @@ def parse_config(raw: Mapping[str, Any], path: str = "<config>") -> Config:
     ):
         values[name] = reader.seconds(name, getattr(defaults, name))
     values["server_reset_query"] = reader.string("server_reset_query", "DISCARD ALL")
+    values["server_check_query"] = reader.string("server_check_query", CHECK_EMPTY_QUERY)
+    if "\0" in values["server_check_query"]:
+        raise reader._fail("server_check_query", "must not contain a NUL character")
+    values["server_check_delay"] = reader.seconds(
+        "server_check_delay", defaults.server_check_delay, zero="check every time"
+    )
     values["max_packet_size"] = reader.integer("max_packet_size", 2147483647, 1024, 2147483647)
     values["auth_type"] = reader.choice("auth_type", defaults.auth_type, AUTH_TYPES)
     for name in ("auth_file", "auth_hba_file", "auth_user", "auth_dbname", "unix_socket_dir"):
@@ -469,6 +560,11 @@ def _user(name: str, table: _Reader) -> UserConfig:
         password=table.optional("password", table.string),
         pool_mode=table.optional("pool_mode", lambda k, d: table.choice(k, d, POOL_MODES)),
         pool_size=table.optional("pool_size", lambda k, d: table.integer(k, d, 1)),
+        reserve_pool_size=table.optional("reserve_pool_size", _non_negative(table)),
+        max_user_connections=table.optional("max_user_connections", _non_negative(table)),
+        max_user_client_connections=table.optional(
+            "max_user_client_connections", _non_negative(table)
+        ),
         query_wait_timeout=table.optional("query_wait_timeout", table.seconds),
         client_idle_timeout=table.optional("client_idle_timeout", table.seconds),
         idle_transaction_timeout=table.optional("idle_transaction_timeout", table.seconds),
@@ -480,16 +576,26 @@ def _user(name: str, table: _Reader) -> UserConfig:
 
 
 def _database(name: str, table: _Reader) -> DatabaseConfig:
+    host, port = _hosts(table)
     config = DatabaseConfig(
         name=name,
-        host=table.string("host", "127.0.0.1", nonempty=True),
-        port=table.integer("port", 5432, 1, 65535),
+        host=host,
+        port=port,
         dbname=table.string("dbname", name, nonempty=True),
         user=table.optional("user", table.string),
         password=table.optional("password", table.string),
         pool_size=table.optional("pool_size", lambda k, d: table.integer(k, d, 1)),
         min_pool_size=table.optional("min_pool_size", lambda k, d: table.integer(k, d, 0)),
         pool_mode=table.optional("pool_mode", lambda k, d: table.choice(k, d, POOL_MODES)),
+        reserve_pool_size=table.optional("reserve_pool_size", _non_negative(table)),
+        max_db_connections=table.optional("max_db_connections", _non_negative(table)),
+        max_db_client_connections=table.optional("max_db_client_connections", _non_negative(table)),
+        load_balance_hosts=table.optional(
+            "load_balance_hosts", lambda k, d: table.choice(k, d, LOAD_BALANCE_HOSTS)
+        ),
+        target_session_attrs=table.optional(
+            "target_session_attrs", lambda k, d: table.choice(k, d, TARGET_SESSION_ATTRS)
+        ),
     )
     table.finish()
     if config.password is not None and config.user is None:
@@ -498,6 +604,60 @@ def _database(name: str, table: _Reader) -> DatabaseConfig:
             f"{table.prefix}user (the forced server login)"
         )
     return config
+
+
+def _hosts(table: _Reader) -> tuple[str, int | tuple[int, ...]]:
+    """``host`` and ``port`` by libpq's rules: one host or several (a comma-separated
+    string or a list), and one port for all of them or one per host."""
+    value = table._get("host")
+    if value is None:
+        value = "127.0.0.1"
+    if value == "" or value == []:
+        raise table._fail("host", "must not be empty")
+    if isinstance(value, str):
+        hosts = [part.strip() for part in value.split(",")]
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        if any("," in v for v in value):
+            raise table._fail("host", f"a list entry must be one host, got {value!r}")
+        hosts = [v.strip() for v in value]
+    else:
+        raise table._fail("host", f"must be a string or a list of strings, got {_describe(value)}")
+    if not all(hosts):
+        raise table._fail(
+            "host", f"has an empty entry in {value!r}; separate hosts with single commas"
+        )
+    value = table._get("port")
+    if value is None:
+        value = 5432
+    if isinstance(value, str):
+        texts = [part.strip() for part in value.split(",")]
+        if not all(text.isdigit() for text in texts):
+            raise table._fail(
+                "port",
+                f'must be a port number, a list of them or a string like "5432,5433", '
+                f"got {value!r}",
+            )
+        value = [int(text) for text in texts]
+    ports = value if isinstance(value, list) else [value]
+    if not ports or any(isinstance(p, bool) or not isinstance(p, int) for p in ports):
+        raise table._fail(
+            "port", f"must be a port number or a list of them, got {_describe(value)}"
+        )
+    bad = [p for p in ports if not 1 <= p <= 65535]
+    if bad:
+        raise table._fail("port", f"must be 1 to 65535, got {bad[0]}")
+    if len(ports) not in (1, len(hosts)):
+        raise table._fail(
+            "port",
+            f"{len(ports)} ports for {len(hosts)} hosts ({', '.join(hosts)}): give one port "
+            "for every host, or one per host in the same order (libpq's rule)",
+        )
+    port: int | tuple[int, ...] = ports[0] if len(set(ports)) == 1 else tuple(ports)
+    return ",".join(hosts), port
+
+
+def _non_negative(table: _Reader) -> Callable[[str, Any], int]:
+    return lambda key, default: table.integer(key, default, 0)
 
 
 class _Reader:
@@ -543,14 +703,16 @@ class _Reader:
             raise self._fail(key, f"must be {bound}, got {value}")
         return value
 
-    def seconds(self, key: str, default: float) -> float:
+    def seconds(self, key: str, default: float, *, zero: str = "off") -> float:
         value = self._get(key)
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self._fail(key, f"must be a number of seconds, got {_describe(value)}")
         if value < 0:
-            raise self._fail(key, f"must be 0 (off) or a positive number of seconds, got {value}")
+            raise self._fail(
+                key, f"must be 0 ({zero}) or a positive number of seconds, got {value}"
+            )
         return float(value)
 
     def boolean(self, key: str, default: bool) -> bool:

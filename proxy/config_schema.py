@@ -17,12 +17,14 @@ from typing import Any
 
 from .config import (
     AUTH_TYPES,
+    LOAD_BALANCE_HOSTS,
     LOG_FORMATS,
     LOG_LEVELS,
     MAX_WORKERS,
     POOL_MODES,
     RESTART_KEYS,
     SSLMODES,
+    TARGET_SESSION_ATTRS,
     DatabaseConfig,
     UserConfig,
     config_items,
@@ -84,8 +86,8 @@ SECTION_INTROS = {
     PER_DATABASE: "A `[databases.NAME]` table per database: NAME is what clients connect "
     "to; at least one is required. Set these in the file or with `--set "
     "databases.NAME.KEY=VALUE`; `--upstream` makes one. A reload applies them; a "
-    "pool whose server settings change (host, port, dbname, user, password) gets new "
-    "server connections as the old ones go idle.",
+    "pool whose server settings change (host, port, dbname, user, password, "
+    "target_session_attrs) gets new server connections as the old ones go idle.",
     PER_USER: "A `[users.NAME]` table per user: the client login (checked with "
     "`auth_type`) and, unless the database forces its own `user`, the server login. Set "
     "these in the file or with `--set users.NAME.KEY=VALUE`. The timeouts override the "
@@ -179,6 +181,59 @@ SETTINGS: Mapping[str, Setting] = {
         "meaning and default). One more gets SQLSTATE 53300 at login. Each costs a few "
         "KiB of memory, not a PostgreSQL backend, so it can be far above PostgreSQL's "
         "max_connections. With workers, split between them.",
+    ),
+    "reserve_pool_size": Setting(
+        POOLS,
+        "integer, at least 0",
+        "Extra server connections a pool may open once a client has waited "
+        "`reserve_pool_timeout` (PgBouncer's meaning). They close again as they are "
+        "released with no client waiting, so the pool shrinks back to its size when the "
+        "rush is over (PgBouncer keeps them until server_idle_timeout). Still within "
+        "`max_db_connections` and `max_user_connections`. Overridden per database and per "
+        "user; with workers, split between them. 0: no reserve.",
+    ),
+    "reserve_pool_timeout": Setting(
+        POOLS,
+        _SECONDS,
+        "How long the longest-waiting client of a pool waits before the reserve pool "
+        "opens (checked twice a second). 0: never.",
+    ),
+    "max_db_connections": Setting(
+        POOLS,
+        "integer, at least 0",
+        "Server connections per database, all its pools (users) together. A pool that "
+        "needs one more first closes an idle server of another pool of the database; "
+        "when there is none, its clients wait, and servers released by pools holding "
+        "more than their share go to the pool waiting longest, so no pool starves behind "
+        "a busy one. Counts the `[databases]` name clients use. Overridden per database; "
+        "with workers, split between them. 0: no limit.",
+    ),
+    "max_user_connections": Setting(
+        POOLS,
+        "integer, at least 0",
+        "Server connections per server login (the database's forced `user`, else the "
+        "client's user), all its databases together; shared as `max_db_connections` is. "
+        "Overridden per user; with workers, split between them. 0: no limit.",
+    ),
+    "max_db_client_connections": Setting(
+        POOLS,
+        "integer, at least 0",
+        "Logged-in client connections per database; one more gets SQLSTATE 53300 at "
+        "login. Overridden per database; with workers, split between them. 0: no limit.",
+    ),
+    "max_user_client_connections": Setting(
+        POOLS,
+        "integer, at least 0",
+        "Logged-in client connections per user (the client's login); one more gets "
+        "SQLSTATE 53300 at login. Overridden per user; with workers, split between them. "
+        "0: no limit.",
+    ),
+    "server_round_robin": Setting(
+        POOLS,
+        "boolean",
+        "Hand out the server that has been idle longest, so all are used in turn "
+        "(useful when the servers are behind a TCP load balancer). Off: the one used "
+        "most recently, whose caches are warm (PgBouncer's meaning and default).",
     ),
     # -- Prepared statements and session state
     "max_prepared_statements": Setting(
@@ -311,6 +366,26 @@ SETTINGS: Mapping[str, Setting] = {
         "gets it (PgBouncer's meaning and default). In transaction mode pgmux resets "
         "what differs itself.",
     ),
+    "server_check_query": Setting(
+        CONNECTIONS,
+        'SQL; "<empty>" = an empty query; empty = no checks',
+        "Run on a server connection idle longer than server_check_delay before a client "
+        "gets it; the client waits for the answer. A server that fails it (an error, a "
+        "transaction left open, no answer within server_connect_timeout when that is "
+        "set, the connection closing) is closed with a log line, and the client gets "
+        "another server without seeing an error. PgBouncer's meaning and 1.24's default "
+        "(`<empty>`: a Query with no statement, the cheapest round trip). Unlike "
+        "PgBouncer, an error counts as a failure (PgBouncer ignores it), and the wait for "
+        "the answer is bounded (PgBouncer waits until TCP gives up).",
+    ),
+    "server_check_delay": Setting(
+        CONNECTIONS,
+        "seconds, 0 = check every time",
+        "How long a server connection may sit idle and still be handed out unchecked "
+        "(PgBouncer's meaning and default). Measured to within the janitor's 0.5 s "
+        "sweep. A server handed straight from one client to a waiting one, or opened "
+        "for a waiting client, goes to it unchecked.",
+    ),
     "tcp_keepalive": Setting(
         CONNECTIONS,
         _BOOL,
@@ -348,6 +423,28 @@ SETTINGS: Mapping[str, Setting] = {
         "Largest protocol message accepted from clients and servers. Every length on the "
         "wire is checked against it before it is trusted; a longer one is a protocol "
         "violation (08P01) and closes the connection (PgBouncer's name and default).",
+    ),
+    "load_balance_hosts": Setting(
+        CONNECTIONS,
+        _choice(LOAD_BALANCE_HOSTS),
+        "For a database with several hosts: the order a new server connection tries them "
+        "in. `disable`: as configured, every time (libpq's default); `round-robin`: each "
+        "new server connection starts at the next host (PgBouncer's); `random`: shuffled "
+        "(libpq's). Either way a host that failed within server_login_retry is tried "
+        "after the others, and one that is up is never skipped for one that is not.",
+    ),
+    "target_session_attrs": Setting(
+        CONNECTIONS,
+        _choice(TARGET_SESSION_ATTRS),
+        "Which servers a new server connection accepts, as libpq defines it: `read-write` "
+        "and `read-only` by in_hot_standby and default_transaction_read_only, `primary` and "
+        "`standby` by in_hot_standby (reported at login by PostgreSQL 14+; older servers "
+        "are asked with SHOW transaction_read_only or pg_is_in_recovery()), "
+        "`prefer-standby` a standby when one answers, else any. A host of the wrong kind is "
+        "closed and the next one tried; while one answers with the wrong kind (a standby "
+        "not yet promoted), waiting clients wait and pgmux looks again every second, for up "
+        "to server_connect_timeout, then they get 08001 naming each host and what it was. "
+        "A server that stops matching later is closed once released.",
     ),
     # -- Authentication
     "auth_type": Setting(
@@ -545,11 +642,17 @@ SETTINGS: Mapping[str, Setting] = {
 DATABASE_SETTINGS: Mapping[str, Setting] = {
     "host": Setting(
         PER_DATABASE,
-        "host name, address, or unix socket directory",
+        "host name, address, or unix socket directory; or several: a comma-separated "
+        "string or a list",
         'Where PostgreSQL runs; a value starting with "/" is the directory of its unix '
-        "socket (PgBouncer's meaning).",
+        "socket (PgBouncer's meaning). Several hosts are tried as libpq tries them (see "
+        "load_balance_hosts and target_session_attrs).",
     ),
-    "port": Setting(PER_DATABASE, "TCP port, 1 to 65535", "PostgreSQL's port."),
+    "port": Setting(
+        PER_DATABASE,
+        'TCP port, 1 to 65535; or one per host: a list or a string like "5432,5433"',
+        "PostgreSQL's port: one for every host, or one per host in the same order (libpq's rule).",
+    ),
     "dbname": Setting(
         PER_DATABASE,
         "database name",
@@ -582,11 +685,41 @@ DATABASE_SETTINGS: Mapping[str, Setting] = {
         "Server connections kept open per pool of this database.",
         unset="min_pool_size",
     ),
+    "reserve_pool_size": Setting(
+        PER_DATABASE,
+        "integer, at least 0",
+        "Reserve servers per pool of this database; a `[users]` reserve_pool_size wins.",
+        unset="reserve_pool_size",
+    ),
+    "max_db_connections": Setting(
+        PER_DATABASE,
+        "integer, at least 0",
+        "Server connections to this database, all users together (0: no limit).",
+        unset="max_db_connections",
+    ),
+    "max_db_client_connections": Setting(
+        PER_DATABASE,
+        "integer, at least 0",
+        "Client connections to this database (0: no limit).",
+        unset="max_db_client_connections",
+    ),
     "pool_mode": Setting(
         PER_DATABASE,
         _choice(POOL_MODES),
         "This database's pool mode; a `[users]` pool_mode still wins.",
         unset="pool_mode",
+    ),
+    "load_balance_hosts": Setting(
+        PER_DATABASE,
+        _choice(LOAD_BALANCE_HOSTS),
+        "This database's order of trying its hosts.",
+        unset="load_balance_hosts",
+    ),
+    "target_session_attrs": Setting(
+        PER_DATABASE,
+        _choice(TARGET_SESSION_ATTRS),
+        "The kind of server this database's connections accept.",
+        unset="target_session_attrs",
     ),
 }
 
@@ -612,6 +745,24 @@ USER_SETTINGS: Mapping[str, Setting] = {
         "Server connections per pool of this user, in every database; it wins over the "
         "database's pool_size. Unset: the database's pool_size, else default_pool_size.",
         unset="default_pool_size",
+    ),
+    "reserve_pool_size": Setting(
+        PER_USER,
+        "integer, at least 0",
+        "Reserve servers per pool of this user; it wins over the database's.",
+        unset="reserve_pool_size",
+    ),
+    "max_user_connections": Setting(
+        PER_USER,
+        "integer, at least 0",
+        "Server connections logged in as this user, all databases together (0: no limit).",
+        unset="max_user_connections",
+    ),
+    "max_user_client_connections": Setting(
+        PER_USER,
+        "integer, at least 0",
+        "Client connections of this user (0: no limit).",
+        unset="max_user_client_connections",
     ),
     "query_wait_timeout": Setting(
         PER_USER, _SECONDS, "query_wait_timeout for this user.", unset="query_wait_timeout"

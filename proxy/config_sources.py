@@ -55,7 +55,11 @@ _URL_PARAMS = {
     "pool_size": "databases.pool_size",
     "min_pool_size": "databases.min_pool_size",
     "pool_mode": "databases.pool_mode",
+    "target_session_attrs": "databases.target_session_attrs",
+    "load_balance_hosts": "databases.load_balance_hosts",
 }
+# Of those, the ones that take text rather than a number.
+_URL_TEXT_PARAMS = frozenset(("pool_mode", "target_session_attrs", "load_balance_hosts"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,37 +234,31 @@ def _blame(message: str, origins: Mapping[str, str]) -> str:
 def _apply_upstream(raw: dict[str, Any], origins: dict[str, str], url: str,
                     warnings: list[str]) -> None:  # fmt: skip
     """One ``postgres://user:password@host:port/dbname?sslmode=...`` as a database and
-    its user: clients log in to pgmux with the same name and password."""
+    its user: clients log in to pgmux with the same name and password. As in libpq,
+    the URL may name several hosts, ``postgres://u:p@h1:5432,h2:5433/db``."""
     shown = mask_url(url)
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # an unbalanced [ or ] around an IPv6 address
+        raise ConfigError(f"--upstream {shown}: not a URL: {exc}") from None
     if parts.scheme not in ("postgres", "postgresql"):
         raise ConfigError(
             f"--upstream {shown}: must start with postgres:// or postgresql://, "
             "e.g. postgres://app:secret@db.internal:5432/app"
         )
-    try:
-        port = parts.port
-    except ValueError:
-        raise ConfigError(f"--upstream {shown}: the port is not a number from 1 to 65535") from None
     user = unquote(parts.username or "")
     if not user:
         raise ConfigError(
             f"--upstream {shown}: name the user, as in postgres://USER:password@host/dbname"
         )
-    if "," in (parts.hostname or ""):
-        raise ConfigError(f"--upstream {shown}: several hosts in one URL are not supported yet")
     dbname = unquote(parts.path.lstrip("/")) or user  # libpq's default database
     database: dict[str, Any] = {"dbname": dbname}
-    host = unquote(parts.hostname or "")
-    if host:
-        database["host"] = host
-    if port is not None:
-        database["port"] = port
+    database.update(_url_hosts(shown, parts.netloc.rpartition("@")[2]))
     for name, value in parse_qsl(parts.query, keep_blank_values=True):
         if name == "host":  # a unix socket directory: ?host=/var/run/postgresql
             database["host"] = value
         elif name == "port":
-            database["port"] = _url_int(shown, name, value)
+            database["port"] = value if "," in value else _url_int(shown, name, value)
         elif name not in _URL_PARAMS:
             raise ConfigError(
                 f"--upstream {shown}: unknown parameter {name!r} (known: host, port, "
@@ -268,7 +266,8 @@ def _apply_upstream(raw: dict[str, Any], origins: dict[str, str], url: str,
             )
         elif _URL_PARAMS[name].startswith("databases."):
             field_name = _URL_PARAMS[name].split(".", 1)[1]
-            database[field_name] = value if name == "pool_mode" else _url_int(shown, name, value)
+            text = name in _URL_TEXT_PARAMS
+            database[field_name] = value if text else _url_int(shown, name, value)
         else:
             raw[_URL_PARAMS[name]] = value
             origins[_URL_PARAMS[name]] = "--upstream"
@@ -289,6 +288,38 @@ def _apply_upstream(raw: dict[str, Any], origins: dict[str, str], url: str,
         )
 
 
+def _url_hosts(shown: str, hostlist: str) -> dict[str, Any]:
+    """The URL's ``host[:port]`` list as ``host`` and ``port`` (none when it names no
+    host); a host without a port gets 5432, as in libpq."""
+    if not hostlist:
+        return {}
+    hosts: list[str] = []
+    ports: list[int | None] = []
+    for entry in hostlist.split(","):
+        if entry.startswith("["):  # [IPv6]:port
+            host, bracket, rest = entry[1:].partition("]")
+            if not bracket or (rest and not rest.startswith(":")):
+                raise ConfigError(f"--upstream {shown}: {entry!r} is not a host or [address]:port")
+            port_text = rest[1:]
+        else:
+            host, _, port_text = entry.partition(":")
+        host = unquote(host)
+        if not host:
+            raise ConfigError(f"--upstream {shown}: an empty host in the list {hostlist!r}")
+        port = None
+        if port_text:
+            if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+                raise ConfigError(f"--upstream {shown}: the port is not a number from 1 to 65535")
+            port = int(port_text)
+        hosts.append(host)
+        ports.append(port)
+    out: dict[str, Any] = {"host": hosts[0] if len(hosts) == 1 else ",".join(hosts)}
+    if any(port is not None for port in ports):
+        full = [5432 if port is None else port for port in ports]
+        out["port"] = full[0] if len(set(full)) == 1 else full
+    return out
+
+
 def _url_int(shown: str, name: str, value: str) -> int:
     try:
         return int(value)
@@ -298,7 +329,10 @@ def _url_int(shown: str, name: str, value: str) -> int:
 
 def mask_url(url: str) -> str:
     """The URL with its password replaced, for log lines and errors."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return re.sub(r"(//[^:/@]*:)[^@/]*@", rf"\g<1>{MASK}@", url)
     if parts.password is None:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", f":{MASK}@", 1)
@@ -333,6 +367,8 @@ def _parse_set(assignment: str, items: Mapping[str, ConfigItem]) -> tuple[str, A
     annotation = {f.name: str(f.type) for f in fields(kinds) if f.name != "name"}.get(field_name)
     if annotation is None:
         raise ConfigError(f"--set {key}: [{section}] entries have no setting {field_name!r}")
+    if field_name == "port" and "," in text:
+        return key, text  # one port per host: parse_config reads "5432,5433"
     if annotation.startswith(("int", "float")):
         try:
             number = float(text)

@@ -53,6 +53,13 @@ class ServerUnreachable(ProxyError):
     reason = "server_unreachable"
 
 
+class NoMatchingServer(ServerUnreachable):
+    """No host of the database's list is the kind of server target_session_attrs asks
+    for. Like an outage, it does not hold new attempts back for server_login_retry."""
+
+    reason = "target_session_attrs"
+
+
 class ServerConnectionLost(ProxyError):
     sqlstate = "08006"  # connection_failure
     reason = "server_connection_lost"

@@ -1,7 +1,8 @@
-"""Periodic housekeeping: queue timeouts, idle and old servers, minimum pool sizes,
-settings left behind by departed clients, the client timeouts (client_idle_timeout,
-idle_transaction_timeout, query_timeout), the stats periods, and the log lines that
-name who holds a pool (a queue formed, a client idle in a transaction too long).
+"""Periodic housekeeping: queue timeouts, idle and old servers (and which idle ones are
+due for server_check_query), minimum pool sizes, settings left behind by departed
+clients, the client timeouts (client_idle_timeout, idle_transaction_timeout,
+query_timeout), the stats periods, and the log lines that name who holds a pool (a
+queue formed, a client idle in a transaction too long).
 
 Client timeouts are measured by sampling, so the relay never reads the clock for
 them: each sweep notes a client's request counters, and a state that persists with
@@ -60,10 +61,12 @@ def sweep(registry: Registry, now: float) -> None:
     config = registry.config
     watch_clients = bool(config.idle_transaction_warn)
     for pool in registry.iter_pools():
+        pool.update_check_before(now)
         pool.expire_waiters(now)
         pool.close_idle_servers(now)
         if not registry.shutting_down:
             pool.fill_min_pool()
+            pool.use_reserve(now)
             pool.retry_dispatch()
         watch_clients = watch_clients or bool(
             pool.client_idle_timeout

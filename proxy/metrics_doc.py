@@ -106,6 +106,16 @@ DESCRIPTIONS: Mapping[str, MetricDoc] = {
     "pgmux_databases_current_client_connections": MetricDoc(
         DATABASES, "SHOW DATABASES `current_client_connections`"
     ),
+    "pgmux_databases_max_connections": MetricDoc(
+        DATABASES,
+        "SHOW DATABASES `max_connections`",
+        "pgbouncer_databases_max_connections",
+        note="Alert when `pgmux_databases_current_connections` stays at it: the "
+        "database's pools share it, and their clients wait for a slot.",
+    ),
+    "pgmux_databases_max_client_connections": MetricDoc(
+        DATABASES, "SHOW DATABASES `max_client_connections`"
+    ),
     "pgmux_databases_paused": MetricDoc(
         DATABASES, "SHOW DATABASES `paused`", "pgbouncer_databases_paused"
     ),
@@ -151,8 +161,8 @@ DESCRIPTIONS: Mapping[str, MetricDoc] = {
     "pgmux_pools_server_used_connections": _pools(
         "sv_used",
         "pgbouncer_pools_server_used_connections",
-        _ALWAYS_ZERO + " PgBouncer counts idle servers due for server_check_query here, "
-        "which pgmux does not have.",
+        "Idle longer than server_check_delay: server_check_query runs on each before a "
+        "client gets it. Not counted in the idle gauge, as in PgBouncer.",
     ),
     "pgmux_pools_server_testing_connections": _pools(
         "sv_tested", "pgbouncer_pools_server_testing_connections"

@@ -21,8 +21,10 @@ from .auth.userlist import UserlistError, parse_userlist
 from .config import (
     ADMIN_DATABASES,
     AUTH_TYPES,
+    LOAD_BALANCE_HOSTS,
     POOL_MODES,
     SSLMODES,
+    TARGET_SESSION_ATTRS,
     ConfigError,
     DatabaseConfig,
     UserConfig,
@@ -44,6 +46,7 @@ PGBOUNCER_POOL_MODE = "session"
 PGBOUNCER_AUTH_TYPE = "md5"
 PGBOUNCER_LISTEN_BACKLOG = 128
 PGBOUNCER_UNIX_SOCKET_DIR = "/tmp"
+PGBOUNCER_LOAD_BALANCE_HOSTS = "round-robin"  # for a [databases] host list
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_.*-]*")  # libusual: isalnum() or one of "_.-*"
 _SECONDS = re.compile(r"([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(us|ms|s|min|h|d)?")
@@ -678,6 +681,10 @@ class _Converter:
                 table["host"] = host
             elif key in ("auth_user", "auth_dbname"):
                 self.db_auth[f"{name}.{key}"] = (key, value, s)
+            elif key == "load_balance_hosts":
+                table[key] = self._choice(s, value, LOAD_BALANCE_HOSTS, key)
+            elif key == "target_session_attrs":
+                table[key] = self._choice(s, value, TARGET_SESSION_ATTRS, key)
             elif key == "reserve_pool" and "reserve_pool_size" in kinds:
                 table["reserve_pool_size"] = _integer(value, s.where, key)
             elif key in kinds:
@@ -705,6 +712,8 @@ class _Converter:
                 "unix socket directory PgBouncer connects through (pgmux's default is "
                 "127.0.0.1)"
             )
+        if "," in table["host"]:
+            self._host_list(s, table)
         if "password" in table and "user" not in table:
             del table["password"]
             self.notes.append(
@@ -730,12 +739,27 @@ class _Converter:
                 "connect to abstract-namespace unix sockets yet"
             )
             return None
-        if len(hosts) > 1:
-            self.unsupported.append(
-                f"{s.where}: [databases] {s.key}: host={value}: not supported by pgmux yet "
-                f"(a host list); pgmux connects to the first, {hosts[0]}, only"
+        return ",".join(hosts) if hosts else value
+
+    def _host_list(self, s: _Setting, table: dict[str, Any]) -> None:
+        """PgBouncer's host list: round-robin unless the line says otherwise; pgmux
+        tries the hosts as libpq does, which differs in what happens to a host that
+        fails."""
+        where = f"{s.where}: [databases] {s.key}: host={table['host']}"
+        mode = table.get("load_balance_hosts")
+        if mode is None:
+            table["load_balance_hosts"] = PGBOUNCER_LOAD_BALANCE_HOSTS
+            self.notes.append(
+                f'{where}: wrote load_balance_hosts = "{PGBOUNCER_LOAD_BALANCE_HOSTS}", '
+                "PgBouncer's default for a host list (pgmux's is disable); unlike "
+                "PgBouncer, pgmux skips a host it cannot reach and tries the next"
             )
-        return hosts[0] if hosts else value
+        elif mode == "disable":
+            self.notes.append(
+                f"{where}: load_balance_hosts=disable: pgmux tries the hosts in the listed "
+                "order for every new server connection (libpq's meaning); PgBouncer stays "
+                "on the host that worked last until it fails"
+            )
 
     def _typed(self, value: str, kind: str, where: str, key: str) -> Any:
         if kind == "int":

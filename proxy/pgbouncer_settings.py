@@ -31,14 +31,7 @@ def _table(later: bool, entries: dict[str, tuple[str | None, str]]) -> dict[str,
 
 
 _STDERR = "pgmux logs to stderr: systemd, docker or a redirect keeps it"
-_POOL_LIMIT = (
-    "pgmux limits server connections per pool only, with pool_size; keep pool_size x pools "
-    "under PostgreSQL's max_connections"
-)
-_CLIENT_LIMIT = "pgmux limits client connections in total (max_client_conn)"
 _DNS = "pgmux asks the system resolver at each new server connection and caches nothing"
-_RESERVE = "pgmux has no reserve pool; raise the pool size instead"
-_NO_CHECK = "pgmux does not test idle servers before reuse: a dead one is found on first use"
 _STARTUP_PARAMETER = (
     "pgmux sends no startup parameters of its own; set it for the database or role "
     "instead: ALTER DATABASE ... SET / ALTER ROLE ... SET"
@@ -75,18 +68,8 @@ MISSING |= _table(True, {
                                   "on the server (extra_float_digits, search_path, ...)"),
     "track_extra_parameters": ("*", "pgmux makes every setting a client sets, at startup or "
                                "with SET, follow it to each server"),
-    "reserve_pool_size": ("0", _RESERVE),
-    "reserve_pool_timeout": (None, _RESERVE),
-    "max_db_connections": ("0", _POOL_LIMIT),
-    "max_user_connections": ("0", _POOL_LIMIT),
-    "max_db_client_connections": ("0", _CLIENT_LIMIT),
-    "max_user_client_connections": ("0", _CLIENT_LIMIT),
-    "server_round_robin": ("0", "pgmux reuses the most recently used server first (LIFO), "
-                           "as PgBouncer does by default"),
     "server_reset_query_always": ("0", "pgmux runs server_reset_query in session mode only; "
                                   "in transaction mode it undoes what clients SET itself"),
-    "server_check_query": ("", _NO_CHECK),
-    "server_check_delay": (None, _NO_CHECK),
     "server_fast_close": ("0", "pgmux closes a session-mode server that RECONNECT or a "
                           "reload made stale when its client leaves"),
     "autodb_idle_timeout": ("*", "pgmux has no fallback (*) database"),
@@ -112,8 +95,6 @@ MISSING |= _table(True, {
 _OFF_WITH = {
     "syslog_ident": ("syslog", True),
     "syslog_facility": ("syslog", True),
-    "reserve_pool_timeout": ("reserve_pool_size", True),
-    "server_check_delay": ("server_check_query", False),
 }
 for _key, _off_with in _OFF_WITH.items():
     MISSING[_key] = Missing(MISSING[_key].reason, (), MISSING[_key].later, _off_with)
@@ -123,10 +104,13 @@ for _key, _off_with in _OFF_WITH.items():
 SAME_NAME = frozenset((
     "listen_port", "listen_backlog", "default_pool_size", "min_pool_size", "max_client_conn",
     "max_packet_size", "max_prepared_statements", "query_wait_timeout", "query_wait_notify",
-    "transaction_timeout",
+    "transaction_timeout", "reserve_pool_size", "reserve_pool_timeout", "max_db_connections",
+    "max_user_connections", "max_db_client_connections", "max_user_client_connections",
+    "server_round_robin",
     "client_login_timeout", "server_connect_timeout", "server_login_retry",
     "server_idle_timeout", "cancel_wait_timeout", "client_idle_timeout",
     "idle_transaction_timeout", "query_timeout", "stats_period", "server_reset_query",
+    "server_check_query", "server_check_delay",
     "auth_file", "auth_hba_file", "auth_user", "auth_query", "auth_dbname", "admin_users",
     "stats_users", "log_connections", "log_disconnections", "log_pooler_errors", "log_stats",
     "tcp_keepalive", "tcp_keepidle", "tcp_keepintvl", "tcp_keepcnt", "tcp_user_timeout",
@@ -138,10 +122,6 @@ SAME_NAME = frozenset((
 # [databases] connection parameters and [users] options pgmux lacks.
 DB_MISSING = _table(True, {
     "auth_query": (None, "pgmux has one global auth_query"),
-    "reserve_pool": ("0", _RESERVE),
-    "reserve_pool_size": ("0", _RESERVE),
-    "max_db_connections": ("0", _POOL_LIMIT),
-    "max_db_client_connections": ("0", _CLIENT_LIMIT),
     "connect_query": (None, "for settings use ALTER DATABASE ... SET / ALTER ROLE ... SET"),
     "client_encoding": (None, _STARTUP_PARAMETER),
     "datestyle": (None, _STARTUP_PARAMETER),
@@ -149,13 +129,7 @@ DB_MISSING = _table(True, {
     "application_name": (None, _STARTUP_PARAMETER),
     "server_lifetime": (None, "pgmux has one global server_lifetime"),
     "query_wait_timeout": ("-1", "set it globally or per user ([users.NAME])"),
-    "load_balance_hosts": ("*", "pgmux connects to one host per database"),
-    "target_session_attrs": ("any", "pgmux does not check a server's role"),
 })  # fmt: skip
-USER_MISSING = _table(True, {
-    "max_user_connections": ("0", _POOL_LIMIT),
-    "max_user_client_connections": ("0", _CLIENT_LIMIT),
-    "reserve_pool_size": ("0", _RESERVE),
-})  # fmt: skip
+USER_MISSING: dict[str, Missing] = {}
 # PgBouncer's "-1 = not set" for per-database and per-user timeouts.
 UNSET_TIMEOUT = "-1"

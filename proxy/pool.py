@@ -1,12 +1,13 @@
 """Pools of server connections, the queue of clients waiting for one, and the registry.
 
 This is the one place where connections move between lists and change state (like
-PgBouncer's objects.c): a server is CONNECTING/LOGIN, IDLE in ``Pool.idle``, ACTIVE
-while linked to a client, or CLOSED; a client is LOGIN, IDLE (logged in, no server),
-WAITING in ``Pool.waiters``, ACTIVE (linked), or CLOSED. Connection code asks the pool
-to make a move; it does not shuffle lists itself. Live control lands here too: PAUSE
-(no server is handed out, released ones close), generations (RELOAD and RECONNECT:
-servers of an older one close as they come back) and new settings from a reload.
+PgBouncer's objects.c): a server is CONNECTING/LOGIN, IDLE in ``Pool.idle``, TESTED
+(server_check_query), ACTIVE while linked to a client, or CLOSED; a client is LOGIN,
+IDLE (logged in, no server), WAITING in ``Pool.waiters``, ACTIVE (linked), or CLOSED.
+Connection code asks the pool to make a move; it does not shuffle lists itself. Live
+control lands here too: PAUSE (no server is handed out, released ones close),
+generations (RELOAD and RECONNECT: servers of an older one close as they come back) and
+new settings from a reload.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import math
 import os
 import random
 import secrets
@@ -24,14 +26,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .config import Config, DatabaseConfig, worker_share
-from .errors import ProxyError, QueryWaitTimeout, ServerUnreachable
+from .config import CHECK_EMPTY_QUERY, Config, DatabaseConfig, worker_share
+from .errors import ProxyError, QueryWaitTimeout, ServerUnreachable, TooManyConnections
+from .limits import ServerLimit
 from .prepared import StatementNames
 from .stats import PoolStats
 from .users import Credential, SecretCache, static_credential
 
 if TYPE_CHECKING:
     import asyncio
+
+    from .hosts import HostList
 
 log = logging.getLogger("pgmux.pool")
 
@@ -49,6 +54,7 @@ class ServerState(enum.Enum):
     CONNECTING = "connecting"  # TCP connect in progress; counted in Pool.connecting
     LOGIN = "login"  # logging in; in Pool.servers
     IDLE = "idle"  # logged in, in Pool.idle
+    TESTED = "tested"  # running server_check_query for the queue; counted in Pool.testing
     ACTIVE = "active"  # linked to a client (or running pgmux's own reset/settings)
     CLOSED = "closed"
 
@@ -94,6 +100,8 @@ class PooledServer(Protocol):
 
     def reset_settings(self) -> None: ...
 
+    def check(self, query: str, timeout: float) -> None: ...
+
 
 class PooledClient(Protocol):
     """What the pool needs of a client connection."""
@@ -118,6 +126,7 @@ class PoolSettings:
     pool_mode: str
     pool_size: int
     min_pool_size: int
+    reserve_pool_size: int = 0
 
     @property
     def name(self) -> str:
@@ -126,6 +135,55 @@ class PoolSettings:
 
 class Pool:
     """Server connections for one (database, user), and the clients queued for them."""
+
+    # Slots: the relay reads a pool's attributes on every transaction, and slot access
+    # is the fastest (more than 30 attributes also end CPython's shared-key dicts).
+    __slots__ = (
+        "_interned",
+        "_open_server",
+        "cap",
+        "check_before",
+        "check_query",
+        "client_count",
+        "client_idle_timeout",
+        "config",
+        "connecting",
+        "draining",
+        "generation",
+        "hosts",
+        "idle",
+        "idle_transaction_timeout",
+        "in_reserve",
+        "last_error",
+        "last_error_at",
+        "limits",
+        "logging_in",
+        "mode",
+        "n_waiting",
+        "name",
+        "param_names",
+        "params",
+        "paused",
+        "query_timeout",
+        "query_wait_timeout",
+        "queue_logged_at",
+        "reserve",
+        "reserve_timeout",
+        "retired",
+        "round_robin",
+        "server_credential",
+        "servers",
+        "settings",
+        "shrink_reason",
+        "size",
+        "stats",
+        "testing",
+        "tls_fallback",
+        "transaction_timeout",
+        "verified",
+        "waiters",
+        "welcome_cache",
+    )
 
     def __init__(
         self,
@@ -136,6 +194,10 @@ class Pool:
     ) -> None:
         self.name = settings.name
         self.mode = settings.pool_mode
+        self.idle: deque[PooledServer] = deque()
+        # reserve_pool_size: the pool may grow by that much once a client has waited
+        # reserve_pool_timeout; ``cap`` is the size it may grow to now.
+        self.in_reserve = False
         self._configure(settings, config)
         self._open_server = open_server
         # Counters for SHOW STATS and /metrics; a pool replaced by a reload hands its
@@ -148,10 +210,15 @@ class Pool:
         self.retired = False  # replaced by a reload; serves its clients until they go
         self.client_count = 0  # logged-in clients of this pool (a retired pool's last)
         self.queue_logged_at = 0.0  # the janitor's rate limit for the "who holds it" line
-        self.idle: deque[PooledServer] = deque()
+        # Why servers beyond ``cap`` close as they are released (see _close_released).
+        self.shrink_reason = ""
+        # max_db_connections and max_user_connections this pool counts against (set by
+        # the Registry; each a ServerLimit shared with the other pools under it).
+        self.limits: tuple[ServerLimit, ...] = ()
         self.servers: set[PooledServer] = set()
         self.connecting = 0  # TCP connects in progress (not yet in servers)
         self.logging_in = 0  # in servers, login in progress
+        self.testing = 0  # idle servers running server_check_query before being handed out
         self.waiters: deque[PooledClient] = deque()
         self.n_waiting = 0
         # Learned from the first server login: what clients are told at login.
@@ -168,6 +235,8 @@ class Pool:
         self.server_credential: Credential | None = None
         # server_tls_sslmode = allow: plain first; TLS once the server demanded it.
         self.tls_fallback = False
+        # The database's hosts and what each did lately (server.py keeps it up to date).
+        self.hosts: HostList | None = None
 
     def __repr__(self) -> str:
         return f"<Pool {self.name} {len(self.servers)}+{self.connecting}/{self.size}>"
@@ -176,12 +245,24 @@ class Pool:
         self.settings = settings
         self.config = config
         self.size = settings.pool_size
+        self.reserve = settings.reserve_pool_size
+        self.reserve_timeout = config.reserve_pool_timeout
+        if not (self.reserve and self.reserve_timeout):
+            self.in_reserve = False
+        self.cap = self.size + self.reserve if self.in_reserve else self.size
+        # acquire takes idle servers from the right: released ones go there (LIFO: the
+        # warmest first) or, with server_round_robin, to the left (FIFO: every server
+        # used in turn). A branch here costs the relay less than a stored bound method.
+        self.round_robin = config.server_round_robin
         user = settings.user
         self.query_wait_timeout = config.timeout_for("query_wait_timeout", user)
         self.client_idle_timeout = config.timeout_for("client_idle_timeout", user)
         self.idle_transaction_timeout = config.timeout_for("idle_transaction_timeout", user)
         self.query_timeout = config.timeout_for("query_timeout", user)
         self.transaction_timeout = config.timeout_for("transaction_timeout", user)
+        query = config.server_check_query
+        self.check_query = "" if query == CHECK_EMPTY_QUERY else query
+        self.update_check_before(time.monotonic())
 
     # -- live control ----------------------------------------------------------------
 
@@ -195,11 +276,12 @@ class Pool:
                 server.retire_at = lifetime_end(server.created_at, config.server_lifetime)
         if new_servers:
             self.new_generation("the configuration changed (RELOAD)")
-        excess = len(self.servers) - self.size
+        self.shrink_reason = f"pool_size lowered to {self.size} (RELOAD or SET)"
+        excess = len(self.servers) - self.cap
         for server in list(self.idle):
             if excess <= 0:
                 break
-            server.close(f"pool_size lowered to {self.size} (RELOAD)")
+            server.close(self.shrink_reason)
             excess -= 1
         # Busy servers beyond the new size close as they are released, not reused.
         self._update_draining()
@@ -243,7 +325,9 @@ class Pool:
             self.paused
             or self.retired
             or self.old_servers() > 0
-            or len(self.servers) > self.size  # pool_size lowered while servers were busy
+            or len(self.servers) > self.cap  # pool_size lowered while servers were busy
+            or self.in_reserve  # reserve servers close once nobody waits
+            or any(limit.blocked for limit in self.limits)  # another pool needs a slot
         )
 
     def _close_released(self, server: PooledServer) -> bool:
@@ -254,11 +338,35 @@ class Pool:
             server.close("its pool was replaced by a reload (pool_mode changed)")
         elif server.generation != self.generation:
             server.close("the configuration changed (RELOAD or RECONNECT)")
-        elif len(self.servers) > self.size:
-            server.close(f"pool_size lowered to {self.size} (RELOAD or SET)")
+        elif self.in_reserve and not self.n_waiting:
+            # The rush is over: back to pool_size, the reserve servers close as released.
+            self.in_reserve = False
+            self.cap = self.size
+            self.shrink_reason = (
+                f"reserve pool no longer needed: no client waits (pool_size {self.size})"
+            )
+            log.info("pool %s: %s", self.name, self.shrink_reason)
+            return self._close_released(server)
+        elif len(self.servers) > self.cap:
+            server.close(self.shrink_reason)
+        elif (taker := self._slot_taker()) is not None:
+            taker_limit, taker_pool = taker
+            server.close(
+                f"its slot goes to pool {taker_pool.name}, whose clients wait "
+                f"({taker_limit.describe()} reached)"
+            )
         else:
+            self._update_draining()  # nothing left to do here: the fast path again
             return False
         return True
+
+    def _slot_taker(self) -> tuple[ServerLimit, Pool] | None:
+        for limit in self.limits:
+            if limit.blocked:
+                taker = limit.should_yield(self)
+                if taker is not None:
+                    return limit, taker
+        return None
 
     # -- settings ------------------------------------------------------------------
 
@@ -287,19 +395,84 @@ class Pool:
     # -- servers -------------------------------------------------------------------
 
     def acquire(self, client: PooledClient) -> PooledServer | None:
-        """An idle server for ``client`` now, or None with the client queued (FIFO)."""
+        """An idle server for ``client`` now, or None with the client queued (FIFO).
+
+        An idle server due for server_check_query is checked first, the client queued
+        meanwhile: check_passed hands it over as release does.
+        """
         if self.idle and not self.n_waiting:
-            server = self.idle.pop()  # LIFO: the most recently used server is warmest
-            server.state = ServerState.ACTIVE
-            client.state = ClientState.ACTIVE
-            self.stats.server_assignments += 1
-            return server
+            server = self.idle.pop()  # LIFO, or FIFO with server_round_robin (release)
+            if server.idle_since >= self.check_before:
+                server.state = ServerState.ACTIVE
+                client.state = ClientState.ACTIVE
+                self.stats.server_assignments += 1
+                return server
+            return self._acquire_due(client, server)
         client.state = ClientState.WAITING
         client.wait_started = time.monotonic()
         self.waiters.append(client)
         self.n_waiting += 1
+        if self.idle:
+            self._check_idle()
         self._dispatch()
         return None
+
+    # -- server_check_query ------------------------------------------------------------
+
+    def update_check_before(self, now: float) -> None:
+        """Idle servers idle since before ``check_before`` are due for server_check_query
+        (SHOW POOLS sv_used). The janitor moves it at each sweep, so acquire compares
+        two floats and never reads the clock: a check may come up to a sweep late."""
+        delay = self.config.server_check_delay
+        if not self.config.server_check_query:
+            self.check_before = -math.inf  # checks off
+        elif not delay:
+            self.check_before = math.inf  # server_check_delay = 0: always
+        else:
+            self.check_before = now - delay
+
+    def _acquire_due(self, client: PooledClient, server: PooledServer) -> PooledServer | None:
+        """acquire took an idle server due for a check. With server_round_robin a more
+        recently used one may need none (PgBouncer, too, hands out an idle server that
+        needs no check before checking one); else the client waits for a check."""
+        idle = self.idle
+        if self.round_robin:
+            idle.append(server)  # back where it was: the longest idle
+            if idle[0].idle_since >= self.check_before:
+                server = idle.popleft()
+                server.state = ServerState.ACTIVE
+                client.state = ClientState.ACTIVE
+                self.stats.server_assignments += 1
+                return server
+        else:
+            idle.append(server)  # the others have been idle longer: due as well
+        client.state = ClientState.WAITING
+        client.wait_started = time.monotonic()
+        self.waiters.append(client)
+        self.n_waiting += 1
+        self._check_idle()
+        return None
+
+    def _check_idle(self) -> None:
+        """Clients wait while idle servers remain only when those were due for a check
+        (acquire hands out no other): check one for each client not already waiting
+        on a check. A server that fails its check closes and the pool opens a new one
+        rather than checking the next: when one idle server died (a firewall dropped
+        it, PostgreSQL restarted), the others likely did too."""
+        while self.idle and self.n_waiting > self.testing:
+            server = self.idle.pop()  # the most recently used: the likeliest alive
+            server.state = ServerState.TESTED
+            self.testing += 1
+            server.check(self.check_query, self.config.server_connect_timeout)
+
+    def check_passed(self, server: PooledServer) -> None:
+        """server_check_query answered: the server goes to the longest waiter, as a
+        released one does (or back to idle, freshly checked, if nobody waits now)."""
+        if server.state is not ServerState.TESTED:
+            return
+        self.testing -= 1
+        server.state = ServerState.ACTIVE
+        self.release(server)
 
     def leave_queue(self, client: PooledClient) -> None:
         """A waiting client gave up (disconnected); it is skipped when its turn comes."""
@@ -328,7 +501,10 @@ class Pool:
             return
         server.state = ServerState.IDLE
         server.idle_since = now
-        self.idle.append(server)
+        if self.round_robin:
+            self.idle.appendleft(server)
+        else:
+            self.idle.append(server)
 
     def _next_waiter(self) -> PooledClient | None:
         waiters = self.waiters
@@ -338,9 +514,6 @@ class Pool:
                 self.n_waiting -= 1
                 return client
         return None
-
-    def server_connecting(self) -> None:
-        self.connecting += 1
 
     def server_connected(self, server: PooledServer) -> None:
         self.connecting -= 1
@@ -360,10 +533,24 @@ class Pool:
         elif server.state is ServerState.IDLE:
             with contextlib.suppress(ValueError):
                 self.idle.remove(server)
+        elif server.state is ServerState.TESTED:
+            self.testing -= 1  # failed its check: _dispatch opens another for the queue
         server.state = ServerState.CLOSED
-        self.servers.discard(server)
+        if server in self.servers:
+            self.servers.discard(server)
+            self._slot_freed()
         if self.draining:
             self._update_draining()
+
+    def _slot_freed(self) -> None:
+        """A server of this pool is gone (or its connect failed): the shared limits
+        count one less, and a pool blocked on one of them may open a server now."""
+        for limit in self.limits:
+            limit.count -= 1
+            if limit.blocked:
+                taker = limit.next_blocked(other_than=self)
+                if taker is not None:
+                    taker._dispatch()
 
     def server_closed(self, server: PooledServer) -> None:
         """A server connection ended, for whatever reason; forget it."""
@@ -373,6 +560,7 @@ class Pool:
     def connect_failed(self, error: ProxyError) -> None:
         """A TCP connect for this pool failed (it was counted in ``connecting``)."""
         self.connecting -= 1
+        self._slot_freed()
         self._record_failure(error)
 
     def login_failed(self, server: PooledServer, error: ProxyError) -> None:
@@ -381,6 +569,19 @@ class Pool:
             return
         self._forget(server)
         self._record_failure(error)
+
+    def server_moved_on(self, server: PooledServer) -> None:
+        """A server connection to one host of a list failed, or was not the kind of
+        server target_session_attrs asks for: it is gone, and its attempt goes on with
+        another host, counted as connecting again. No failure is recorded yet, and the
+        attempt keeps its slot under the shared limits (unlike _forget)."""
+        if server.state is ServerState.LOGIN:
+            self.logging_in -= 1
+        server.state = ServerState.CLOSED
+        self.servers.discard(server)
+        self.connecting += 1
+        if self.draining:
+            self._update_draining()
 
     def retry_with_tls(self, server: PooledServer) -> None:
         """server_tls_sslmode = allow and the server refused a plain login: the next
@@ -404,13 +605,70 @@ class Pool:
     def _dispatch(self) -> None:
         """Open server connections while clients wait and the pool has room."""
         while (
-            self.n_waiting > self.connecting + self.logging_in
-            and len(self.servers) + self.connecting < self.size
+            self.n_waiting > self.connecting + self.logging_in + self.testing
+            and len(self.servers) + self.connecting < self.cap
             and not self.paused
             and not self._retry_blocked()
         ):
-            self.connecting += 1
-            self._open_server(self)
+            if self.limits and not self._limits_allow():
+                return
+            self._open()
+
+    def _open(self) -> None:
+        self.connecting += 1
+        for limit in self.limits:
+            limit.count += 1
+        self._open_server(self)
+
+    def _limits_allow(self) -> bool:
+        """Room under every shared limit, made by closing an idle server of another
+        pool if need be; else this pool waits for a slot (False)."""
+        for limit in self.limits:
+            while limit.full():
+                # Not woken by the slot it frees itself: a pool blocked longer gets it.
+                limit.blocked.discard(self)
+                victim = limit.idle_victim(self)
+                if victim is None:
+                    self._block(limit)
+                    return False
+                before = limit.count
+                victim.longest_idle().close(
+                    f"closed to make room for pool {self.name} ({limit.describe()} reached)"
+                )
+                if limit.count >= before:  # did not go: never loop on it
+                    self._block(limit)
+                    return False
+        return True
+
+    def longest_idle(self) -> PooledServer:
+        """The idle server idle longest (there must be one)."""
+        return self.idle[-1] if self.round_robin else self.idle[0]
+
+    def _block(self, limit: ServerLimit) -> None:
+        """Wait for a slot under ``limit``; meanwhile its other pools look at every
+        release whether to hand a server's slot over (see limits.should_yield)."""
+        if self in limit.blocked:
+            return
+        limit.blocked.add(self)
+        log.info(
+            "pool %s: clients wait for a server slot: %s reached (%d open); raise it, or "
+            "the other pools' servers are handed over as they are released",
+            self.name,
+            limit.describe(),
+            limit.count,
+        )
+        for pool in limit.pools:
+            pool.draining = True
+
+    def oldest_wait(self) -> float | None:
+        """When the longest-waiting client of this pool started waiting, if it waits
+        for a server that is not already coming."""
+        if self.n_waiting <= self.connecting + self.logging_in + self.testing:
+            return None
+        for client in self.waiters:
+            if client.state is ClientState.WAITING:
+                return client.wait_started
+        return None
 
     def _retry_blocked(self) -> bool:
         """After a failed login, wait server_login_retry before hammering the server.
@@ -446,15 +704,47 @@ class Pool:
             waiters.popleft()
             self.n_waiting -= 1
             client.state = ClientState.IDLE
-            busy = len(self.servers)
-            client.wait_expired(
-                QueryWaitTimeout(
-                    f'pool "{self.name}" exhausted: {busy} of {self.size} server connections '
-                    f"busy, waited {waited:.1f} s (query_wait_timeout)",
-                    hint="raise pool_size or query_wait_timeout, or shorten the "
-                    "transactions that hold server connections",
-                )
+            client.wait_expired(self._wait_timeout_error(waited))
+
+    def _wait_timeout_error(self, waited: float) -> QueryWaitTimeout:
+        busy = len(self.servers)
+        shared = next((limit for limit in self.limits if self in limit.blocked), None)
+        if shared is not None and busy < self.cap:
+            # The pool has room of its own: a limit shared with other pools is the cause.
+            return QueryWaitTimeout(
+                f'pool "{self.name}" exhausted: {shared.describe()} reached, '
+                f"{shared.count} server connections open in {len(shared.pools)} pools, "
+                f"waited {waited:.1f} s (query_wait_timeout)",
+                hint=f"raise {shared.name} or query_wait_timeout, or shorten the "
+                "transactions that hold server connections",
             )
+        return QueryWaitTimeout(
+            f'pool "{self.name}" exhausted: {busy} of {self.size} server connections '
+            f"busy, waited {waited:.1f} s (query_wait_timeout)",
+            hint="raise pool_size or query_wait_timeout, or shorten the "
+            "transactions that hold server connections",
+        )
+
+    def use_reserve(self, now: float) -> None:
+        """reserve_pool_size: a client has waited reserve_pool_timeout, so the pool may
+        grow by the reserve until nobody waits (called by the janitor)."""
+        if self.in_reserve or not self.reserve or not self.reserve_timeout or self.paused:
+            return
+        started = self.oldest_wait()
+        if started is None or now - started < self.reserve_timeout:
+            return
+        self.in_reserve = True
+        self.cap = self.size + self.reserve
+        log.info(
+            "pool %s: a client has waited %.1f s (reserve_pool_timeout = %g s): growing "
+            "by up to %d reserve servers (reserve_pool_size) while clients wait",
+            self.name,
+            now - started,
+            self.reserve_timeout,
+            self.reserve,
+        )
+        self.draining = True  # released servers look whether the rush is over
+        self._dispatch()
 
     def close_idle_servers(self, now: float) -> None:
         idle_timeout = self.config.server_idle_timeout
@@ -463,7 +753,9 @@ class Pool:
         for server in list(self.idle):
             if len(self.servers) <= keep:
                 return
-            if idle_timeout and now - server.idle_since > idle_timeout:
+            if len(self.servers) > self.cap:
+                server.close(self.shrink_reason or f"pool over its size of {self.cap}")
+            elif idle_timeout and now - server.idle_since > idle_timeout:
                 server.close(f"server_idle_timeout of {idle_timeout:g} s reached")
             elif now > server.retire_at:
                 server.close(f"server_lifetime of {lifetime:g} s reached")
@@ -486,9 +778,10 @@ class Pool:
             return
         missing = self.settings.min_pool_size - len(self.servers) - self.connecting
         while missing > 0 and not self._retry_blocked():
+            if any(limit.full() for limit in self.limits):
+                return  # min_pool_size never takes a slot another pool could need
             missing -= 1
-            self.connecting += 1
-            self._open_server(self)
+            self._open()
 
 
 def link(client: Any, server: Any) -> None:
@@ -534,6 +827,11 @@ class Registry:
         self.worker_dir = worker_dir
         self.max_client_conn = self.share(config.max_client_conn)
         self.pools: dict[tuple[str, str], Pool] = {}
+        # max_db_connections by database, max_user_connections by server login.
+        self.server_limits: dict[tuple[str, str], ServerLimit] = {}
+        # Logged-in clients by database and by user (max_db/user_client_connections).
+        self.db_clients: dict[str, int] = {}
+        self.user_clients: dict[str, int] = {}
         self.clients: set[Any] = set()
         self.cancel_keys: dict[int, Any] = {}
         self.shutting_down = False
@@ -605,6 +903,7 @@ class Registry:
             pool_mode=config.pool_mode_for(database, user),
             pool_size=self.share(config.pool_size_for(database, user)),
             min_pool_size=self.share(config.min_pool_size_for(database), minimum=0),
+            reserve_pool_size=self.share(config.reserve_pool_size_for(database, user), minimum=0),
         )
 
     def _new_pool(self, settings: PoolSettings, stats: PoolStats | None = None) -> Pool:
@@ -612,8 +911,108 @@ class Registry:
         database = settings.database
         if database.user is not None:
             pool.server_credential = _forced_credential(database)
+        self._attach_limits(pool)
         pool.set_paused(self.is_paused(database.name))
         return pool
+
+    # -- limits shared by pools, and per database or user --------------------------------
+
+    def _server_limit(self, name: str, key: str) -> ServerLimit:
+        limit = self.server_limits.get((name, key))
+        if limit is None:
+            limit = self.server_limits[(name, key)] = ServerLimit(name, key)
+            self._set_limit(limit)
+        return limit
+
+    def _set_limit(self, limit: ServerLimit) -> None:
+        config = self.config
+        if limit.name == "max_db_connections":
+            database = config.databases.get(limit.key)
+            if database is None:
+                return  # no longer configured: its pools serve the clients they have
+            total = config.db_limit(database, limit.name)
+        else:
+            total = config.user_limit(limit.key, limit.name)
+        limit.limit = self.share(total) if total else 0
+
+    def _attach_limits(self, pool: Pool) -> None:
+        """Count ``pool`` against its database's and its server login's limits (moving
+        its servers over when a reload changed which ones)."""
+        settings = pool.settings
+        wanted = (
+            self._server_limit("max_db_connections", settings.database.name),
+            self._server_limit("max_user_connections", settings.server_user),
+        )
+        if wanted == pool.limits:
+            return
+        held = len(pool.servers) + pool.connecting
+        for limit in pool.limits:
+            limit.count -= held
+            limit.pools.remove(pool)
+            limit.blocked.discard(pool)
+        for limit in wanted:
+            limit.count += held
+            limit.pools.append(pool)
+        pool.limits = wanted
+
+    def _detach_limits(self, pool: Pool) -> None:
+        for limit in pool.limits:
+            limit.pools.remove(pool)
+            limit.blocked.discard(pool)
+            if not limit.pools:
+                del self.server_limits[(limit.name, limit.key)]
+        pool.limits = ()
+
+    def admit_client(self, database: DatabaseConfig, user: str) -> None:
+        """A client logs in to ``database`` as ``user``: counted, or refused when
+        max_db_client_connections or max_user_client_connections is reached."""
+        config = self.config
+        name = database.name
+        total = config.db_limit(database, "max_db_client_connections")
+        if total and self.db_clients.get(name, 0) >= self.share(total):
+            raise TooManyConnections(
+                self._client_limit_text(
+                    "max_db_client_connections", f'database "{name}"', total,
+                    self.db_clients.get(name, 0),
+                ),
+                hint="raise max_db_client_connections (globally or in "
+                f"[databases.{name}]), or close idle clients",
+                reason="max_db_client_connections",
+            )  # fmt: skip
+        total = config.user_limit(user, "max_user_client_connections")
+        if total and self.user_clients.get(user, 0) >= self.share(total):
+            raise TooManyConnections(
+                self._client_limit_text(
+                    "max_user_client_connections", f'user "{user}"', total,
+                    self.user_clients.get(user, 0),
+                ),
+                hint="raise max_user_client_connections (globally or in "
+                f"[users.{user}]), or close idle clients",
+                reason="max_user_client_connections",
+            )  # fmt: skip
+        self.db_clients[name] = self.db_clients.get(name, 0) + 1
+        self.user_clients[user] = self.user_clients.get(user, 0) + 1
+
+    def _client_limit_text(self, setting: str, what: str, total: int, count: int) -> str:
+        workers = self.config.workers
+        where = (
+            f" in this worker ({setting} = {total} is split between {workers} workers)"
+            if workers > 1
+            else ""
+        )
+        return (
+            f"too many client connections for {what} ({setting}): {count} of "
+            f"{self.share(total)} in use{where}"
+        )
+
+    def client_left(self, database: str, user: str) -> None:
+        """Undo ``admit_client``."""
+        for counts, key in ((self.db_clients, database), (self.user_clients, user)):
+            left = counts.get(key, 0) - 1
+            if left > 0:
+                counts[key] = left
+            else:
+                counts.pop(key, None)
 
     # -- live control ----------------------------------------------------------------
 
@@ -655,7 +1054,13 @@ class Registry:
                     f"{settings.pool_mode} for new clients"
                 )
                 continue
-            new_servers = server_tls_changed or _server_changed(old_settings.database, database)
+            new_servers = (
+                server_tls_changed
+                or _server_changed(old_settings.database, database)
+                # servers chosen for another kind of server (hosts.py) are replaced too
+                or old.target_session_attrs_for(old_settings.database)
+                != config.target_session_attrs_for(database)
+            )
             user = key[1]
             if database.user is None:
                 before, after = static_credential(old, user), static_credential(config, user)
@@ -672,8 +1077,14 @@ class Registry:
             if new_servers:
                 changes.append(f"pool {pool.name}: server settings changed, reconnecting")
             pool.reconfigure(settings, config, new_servers=new_servers)
+            self._attach_limits(pool)
         for pool in self.retired:
             pool._configure(pool.settings, config)
+        for limit in list(self.server_limits.values()):
+            self._set_limit(limit)
+            while not limit.full() and (blocked := limit.next_blocked()) is not None:
+                limit.blocked.discard(blocked)  # raised: waiting pools open servers now
+                blocked._dispatch()
         return changes
 
     def forget_retired(self) -> None:
@@ -683,7 +1094,13 @@ class Registry:
             if not pool.client_count:
                 for server in list(pool.idle):
                     server.close("its pool was replaced by a reload (pool_mode changed)")
-        self.retired = [p for p in self.retired if p.client_count or p.servers or p.connecting]
+        keep = []
+        for pool in self.retired:
+            if pool.client_count or pool.servers or pool.connecting:
+                keep.append(pool)
+            else:
+                self._detach_limits(pool)
+        self.retired = keep
 
     def share(self, total: int, minimum: int = 1) -> int:
         """This worker's part of a configured limit (all of it without workers)."""

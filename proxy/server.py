@@ -19,8 +19,25 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, cast
 
 from .auth import AuthError
-from .errors import ProxyError, ServerConnectionLost, ServerLoginFailed, ServerUnreachable
-from .pool import NO_SETTINGS, Pool, Registry, ServerState, Settings
+from .errors import (
+    NoMatchingServer,
+    ProxyError,
+    ServerConnectionLost,
+    ServerLoginFailed,
+    ServerUnreachable,
+)
+from .hosts import (
+    READ_ONLY,
+    ROLE_PARAMETERS,
+    WATCHED_TARGETS,
+    HostList,
+    Try,
+    Walk,
+    address_text,
+    mismatch_reason,
+    role_verdict,
+)
+from .pool import NO_SETTINGS, TRANSIENT, Pool, Registry, ServerState, Settings
 from .prepared import (
     CACHED_PLAN_ERROR,
     MARKER_PREFIX,
@@ -88,15 +105,72 @@ ErrorFields = dict[str, str]
 Rows = list[list[bytes | None]]
 QueryDone = Callable[[int, ErrorFields | None], None]
 
+# Where the value of default_transaction_read_only comes from ("session": a client's SET).
+_READ_ONLY_SOURCE = (
+    "SELECT source FROM pg_catalog.pg_settings WHERE name = 'default_transaction_read_only'"
+)
+
 
 def open_server(registry: Registry, pool: Pool) -> None:
-    """Start connecting a new server for ``pool`` (the pool counted it as connecting)."""
-    server = ServerConnection(registry, pool)
-    registry.loop.create_task(server.connect())
+    """Start connecting a new server for ``pool`` (the pool counted it as connecting):
+    a walk through the database's hosts begins (see hosts.py)."""
+    now = time.monotonic()
+    _walk_on(registry, pool, _host_list(pool).walk(now, registry.config.server_login_retry))
+
+
+def _host_list(pool: Pool) -> HostList:
+    """The pool's HostList, new when a reload changed its hosts or their settings."""
+    config = pool.config
+    database = pool.settings.database
+    hosts = database.hosts
+    load_balance = config.load_balance_hosts_for(database)
+    target = config.target_session_attrs_for(database)
+    found = pool.hosts
+    if found is None or not found.same(hosts, load_balance, target):
+        found = pool.hosts = HostList(hosts, load_balance, target)
+    return found
+
+
+def _walk_on(registry: Registry, pool: Pool, walk: Walk) -> None:
+    """Connect to the walk's next host. When a round ends without a server, wait and
+    start another (a standby not promoted yet), or report the failure to the pool,
+    which counts the walk as one server connecting all along."""
+    now = time.monotonic()
+    hosts = _host_list(pool)
+    if walk.hosts is not hosts:  # a reload changed the hosts: walk the new ones
+        walk = hosts.walk(now, registry.config.server_login_retry)
+    attempt = walk.next(now)
+    if attempt is not None:
+        server = ServerConnection(registry, pool, walk, attempt)
+        registry.loop.create_task(server.connect())
+        return
+    # No client waiting: no reason to keep looking (min_pool_size asks again later).
+    budget = (registry.config.server_connect_timeout or float("inf")) if pool.n_waiting else 0.0
+    delay = None if registry.shutting_down else walk.wait(now, budget)
+    if delay is not None:
+        registry.loop.call_later(delay, _next_round, registry, pool, walk)
+        return
+    error = walk.error(pool.name, pool.settings.database.name, now)
+    # One host: its failure is logged already; a walk that only skipped hosts checked
+    # a moment ago (min_pool_size asking again) has nothing new to say.
+    if (len(hosts.hosts) > 1 or isinstance(error, NoMatchingServer)) and walk.tried:
+        log.warning("pool %s: %s", pool.name, error.message)
+    pool.connect_failed(error)
+
+
+def _next_round(registry: Registry, pool: Pool, walk: Walk) -> None:
+    now = time.monotonic()
+    if registry.shutting_down or not pool.n_waiting:  # nobody needs the server now
+        pool.connect_failed(walk.error(pool.name, pool.settings.database.name, now))
+        return
+    walk.restart(now)
+    _walk_on(registry, pool, walk)
 
 
 class ServerConnection(asyncio.Protocol):
     __slots__ = (
+        "address",
+        "attempt",
         "backend_key",
         "backend_pid",
         "batch_started",
@@ -104,12 +178,15 @@ class ServerConnection(asyncio.Protocol):
         "client",
         "created_at",
         "discard_pending",
+        "doomed",
+        "doubt",
         "drain_fe",
         "empty_replies",
         "error_fields",
         "fatal",
         "generation",
         "held",
+        "host",
         "id",
         "idle_since",
         "login",
@@ -119,6 +196,7 @@ class ServerConnection(asyncio.Protocol):
         "params",
         "paused",
         "pool",
+        "port",
         "prepared",
         "registry",
         "relaying",
@@ -137,13 +215,29 @@ class ServerConnection(asyncio.Protocol):
         "transport",
         "tx_status",
         "used_tls",
+        "walk",
+        "watch",
         "write_paused",
     )
 
-    def __init__(self, registry: Registry, pool: Pool) -> None:
+    def __init__(self, registry: Registry, pool: Pool, walk: Walk, attempt: Try) -> None:
         now = time.monotonic()
         self.registry = registry
         self.pool = pool
+        # The host of the database's list this connection tries, and the walk through
+        # the list it is part of (hosts.py).
+        self.walk = walk
+        self.attempt = attempt
+        self.host = attempt.host
+        self.port = attempt.port
+        self.address = address_text(attempt.host, attempt.port)
+        # Once logged in: the target_session_attrs it must go on matching (None: any
+        # server will do), and why it must be closed once released (it stopped matching).
+        self.watch: str | None = None
+        self.doomed: str | None = None
+        # Only default_transaction_read_only says so, which a client may SET itself:
+        # asked of the server once released (see _confirm_read_only).
+        self.doubt = False
         self.stats = pool.stats
         self.generation = pool.generation
         self.id = registry.new_server_id()
@@ -192,23 +286,21 @@ class ServerConnection(asyncio.Protocol):
         self.write_paused = False
 
     def __repr__(self) -> str:
-        db = self.pool.settings.database
-        return f"S-{self.id} {self.pool.name} {db.host}:{db.port} pid={self.backend_pid}"
+        return f"S-{self.id} {self.pool.name} {self.address} pid={self.backend_pid}"
 
     # -- connect and login ------------------------------------------------------------
 
     async def connect(self) -> None:
         pool = self.pool
-        db = pool.settings.database
+        host, port = self.host, self.port
         timeout = self.registry.config.server_connect_timeout or None
         loop = self.registry.loop
         try:
             async with asyncio.timeout(timeout):
-                if db.host.startswith("/"):
-                    path = f"{db.host}/.s.PGSQL.{db.port}"
-                    await loop.create_unix_connection(lambda: self, path)
+                if host.startswith("/"):
+                    await loop.create_unix_connection(lambda: self, f"{host}/.s.PGSQL.{port}")
                 else:
-                    await loop.create_connection(lambda: self, db.host, db.port)
+                    await loop.create_connection(lambda: self, host, port)
         except (OSError, TimeoutError) as exc:
             if self.state is not ServerState.CONNECTING:
                 return  # connected, then failed: reported by connection_lost
@@ -218,19 +310,45 @@ class ServerConnection(asyncio.Protocol):
             else:
                 reason = exc.strerror or str(exc)
             error = ServerUnreachable(
-                f'cannot connect to server {db.host}:{db.port} for pool "{pool.name}": {reason}',
-                hint=f"check that PostgreSQL is running there and [databases.{db.name}] "
-                "host and port",
+                f'cannot connect to server {self.address} for pool "{pool.name}": {reason}',
+                hint=f"check that PostgreSQL is running there and "
+                f"[databases.{pool.settings.database.name}] host and port",
             )
             log.warning("%s: %s", self, error.message)
-            pool.connect_failed(error)
+            self._host_failed(error, f"cannot connect: {reason}", connected=False)
+
+    def _host_failed(self, error: ProxyError, outcome: str, *, connected: bool) -> None:
+        """This host could not be used: the walk goes on with the next one, or reports
+        the failure to the pool when there is none."""
+        hard = not (isinstance(error, ServerUnreachable) or error.sqlstate in TRANSIENT)
+        self.walk.failed(self.attempt, outcome, error, time.monotonic(), hard=hard)
+        if connected:
+            self.pool.server_moved_on(self)
+        _walk_on(self.registry, self.pool, self.walk)
+
+    def role_rejected(self, why: str) -> None:
+        """Logged in, but the server is not the kind target_session_attrs asks for
+        (called by ServerLogin, with libpq's words for it): try the next host."""
+        if self.state is ServerState.CLOSED:
+            return
+        self._cancel_timer()
+        log.info(
+            "%s: %s, not what target_session_attrs = %s asks for; trying the next host",
+            self,
+            why,
+            self.attempt.target,
+        )
+        self.walk.rejected(self.attempt, why, time.monotonic())
+        self.login = None  # logged in: close with Terminate
+        self.pool.server_moved_on(self)
+        self._close_transport()
+        _walk_on(self.registry, self.pool, self.walk)
 
     def _login_timed_out(self, timeout: float) -> None:
         self.timer = None
-        db = self.pool.settings.database
         self.login_failed(
             ServerUnreachable(
-                f"server {db.host}:{db.port} did not complete the login for pool "
+                f"server {self.address} did not complete the login for pool "
                 f'"{self.pool.name}" within {timeout:g} s (server_connect_timeout)',
                 hint="check that PostgreSQL is up and not overloaded, or raise "
                 "server_connect_timeout",
@@ -258,6 +376,9 @@ class ServerConnection(asyncio.Protocol):
         """ReadyForQuery ended the login (called by ServerLogin); ``rest`` came after it."""
         self._cancel_timer()
         self.login = None
+        self.walk.succeeded(self.attempt)
+        target = self.walk.hosts.target
+        self.watch = target if target in WATCHED_TARGETS else None
         self.pool.learn_params(self.params)
         log.debug("%s: logged in", self)
         self.pool.server_logged_in(self)
@@ -279,10 +400,12 @@ class ServerConnection(asyncio.Protocol):
         ):
             log.info("%s: server refused a plain login; retrying with TLS (allow)", self)
             pool.retry_with_tls(self)
-        else:
-            log.warning("%s: %s", self, error.message)
-            pool.login_failed(self, error)
+            self._close_transport()
+            return
+        log.warning("%s: %s", self, error.message)
         self._close_transport()
+        outcome = error.message.removeprefix(f'server login failed for pool "{pool.name}": ')
+        self._host_failed(error, outcome, connected=True)
 
     def _cancel_timer(self) -> None:
         if self.timer is not None:
@@ -448,6 +571,8 @@ class ServerConnection(asyncio.Protocol):
                 self.params[name] = value
                 client.setting_reported(name, value)
                 self.settings = client.settings
+                if name in ROLE_PARAMETERS and self.watch is not None:
+                    self._role_reported(name)
             elif typ == codes.B_COPY_IN_RESPONSE:
                 fe.on_copy_in_response()
             if replacement is not None:
@@ -528,10 +653,49 @@ class ServerConnection(asyncio.Protocol):
         elif typ == codes.B_PARAMETER_STATUS:
             name, value = messages.parse_parameter_status(buf[start + 5 : stop])
             self.params[name] = value
+            if name in ROLE_PARAMETERS and self.watch is not None:
+                self._role_reported(name)
         elif typ == codes.B_DATA_ROW and self.rows is not None:
             self.rows.append(messages.parse_data_row(buf[start + 5 : stop]))
         elif typ == codes.B_COPY_IN_RESPONSE and self.drain_fe is not None:
             self._fail_copy(self.drain_fe)
+
+    def _role_reported(self, name: str) -> None:
+        """in_hot_standby or default_transaction_read_only changed (ParameterStatus): a
+        server that no longer suits the pool's target_session_attrs is not reused. It
+        closes once released (now, if idle); the transaction on it runs to its end."""
+        watch = self.watch
+        assert watch is not None
+        if role_verdict(watch, self.params) is not False:
+            self.doomed, self.doubt = None, False  # it suits again (a RESET)
+            return
+        self.doubt = name == READ_ONLY and (self.doomed is None or self.doubt)
+        why = mismatch_reason(watch, self.params)
+        self.doomed = f"{why} now, and target_session_attrs = {watch}"
+        if self.doubt:
+            log.debug("%s: %s; asking why once released", self, self.doomed)
+            return
+        log.info("%s: %s; closing it once released", self, self.doomed)
+        if self.state is ServerState.IDLE:
+            self.close(self.doomed)
+
+    def _confirm_read_only(self) -> None:
+        """default_transaction_read_only changed and the server no longer suits: a
+        client's own SET is its business (the server stays), a change of the server's
+        configuration (ALTER SYSTEM and a reload) is not (it closes)."""
+
+        def known(rows: Rows, error: ErrorFields | None) -> None:
+            if self.state is ServerState.CLOSED:
+                return
+            if error is None and rows and rows[0] and rows[0][0] == b"session":
+                self.doomed, self.doubt = None, False
+                self.settle(None)
+                return
+            reason = self.doomed or "default_transaction_read_only changed"
+            log.info("%s: %s; closing it", self, reason)
+            self.close(reason)
+
+        self.fetch_rows(_READ_ONLY_SOURCE, [], known)
 
     # -- pgmux's own commands -----------------------------------------------------------
 
@@ -542,6 +706,39 @@ class ServerConnection(asyncio.Protocol):
         and the first ErrorResponse's fields, if any.
         """
         self.run_messages(messages.query(sql), done)
+
+    def check(self, query: str, timeout: float) -> None:
+        """server_check_query on this idle server before a queued client gets it (the
+        pool made it TESTED). It fails on an error, a transaction left open, no answer
+        within ``timeout`` (0: none) or the connection closing; then the server closes
+        and the pool opens another for the client, who sees nothing of it."""
+        if self.fatal or self.transport is None or self.transport.is_closing():
+            self.close("server_check_query not sent: the connection is closing")
+            return
+        if timeout:
+            self.timer = self.registry.loop.call_later(timeout, self._check_timed_out, timeout)
+        self.run_query(query, self._checked)
+
+    def _checked(self, status: int, error: ErrorFields | None) -> None:
+        self._cancel_timer()
+        if self.state is not ServerState.TESTED:
+            return  # closed meanwhile; close() said why
+        if error is not None or status != codes.TX_IDLE:
+            why = messages.error_summary(error) if error else f"transaction status {chr(status)}"
+            log.warning("%s: server_check_query failed (%s); closing the server", self, why)
+            self.close(f"server_check_query failed: {why}")
+            return
+        self.pool.check_passed(self)
+
+    def _check_timed_out(self, timeout: float) -> None:
+        self.timer = None
+        log.warning(
+            "%s: server_check_query got no answer within %g s (server_connect_timeout); "
+            "closing the server",
+            self,
+            timeout,
+        )
+        self.close(f"server_check_query got no answer within {timeout:g} s")
 
     def run_messages(self, payload: bytes, done: QueryDone) -> None:
         """Send protocol messages of pgmux's own ending in one Query or Sync; replies
@@ -626,6 +823,9 @@ class ServerConnection(asyncio.Protocol):
         if error is not None:
             self.close(f"resetting session settings failed: {messages.error_summary(error)}")
             return
+        if self.doomed is not None:
+            self.settle(None)  # closes it, or asks why first
+            return
         self.pool.release(self)
 
     def _refuse_transaction(self, client: ClientConnection, fe: FrontendStream) -> None:
@@ -687,6 +887,9 @@ class ServerConnection(asyncio.Protocol):
         if self.fatal:
             self.close("server reported a fatal error")
             return
+        if self.doomed is not None and not self.doubt:
+            self.close(self.doomed)
+            return
         if fe is not None and fe.mid_message:
             # Part of a message went to the server and the rest never will: the stream
             # cannot be resynchronised, and the server waits for bytes (ignoring cancels).
@@ -720,6 +923,9 @@ class ServerConnection(asyncio.Protocol):
             # stale).
             closes = evictions(self, limit)
             self.run_messages(closes + messages.SYNC, self._after_cleanup_query)
+            return
+        if self.doomed is not None:
+            self._confirm_read_only()
             return
         self.pool.release(self)
 
@@ -863,16 +1069,16 @@ class ServerConnection(asyncio.Protocol):
         self.registry.loop.create_task(self._send_cancel())
 
     async def _send_cancel(self) -> None:
-        db = self.pool.settings.database
+        host, port = self.host, self.port  # the host this connection is on
         timeout = self.registry.config.cancel_wait_timeout or 10.0
         writer: asyncio.StreamWriter | None = None
         try:
             async with asyncio.timeout(timeout):
-                if db.host.startswith("/"):
-                    path = f"{db.host}/.s.PGSQL.{db.port}"
+                if host.startswith("/"):
+                    path = f"{host}/.s.PGSQL.{port}"
                     reader, writer = await asyncio.open_unix_connection(path)
                 else:
-                    reader, writer = await asyncio.open_connection(db.host, db.port)
+                    reader, writer = await asyncio.open_connection(host, port)
                     if self.used_tls:
                         await self._cancel_over_tls(reader, writer)
                 writer.write(messages.cancel_request(self.backend_pid, self.backend_key))
@@ -899,7 +1105,7 @@ class ServerConnection(asyncio.Protocol):
         answer = await reader.readexactly(1)
         if answer != b"S":
             raise OSError(f"server answered SSLRequest for the cancel with {answer!r}")
-        await writer.start_tls(context, server_hostname=self.pool.settings.database.host)
+        await writer.start_tls(context, server_hostname=self.host)
 
     # -- flow control -----------------------------------------------------------------------
 

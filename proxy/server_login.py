@@ -1,6 +1,7 @@
-"""A server connection's login: TLS negotiation, the startup packet, and answering the
+"""A server connection's login: TLS negotiation, the startup packet, answering the
 server's authentication request (cleartext, md5, SCRAM with a password or by
-pass-through of a client's proof).
+pass-through of a client's proof), and checking that the server is the kind
+target_session_attrs asks for (hosts.py), as libpq does before a connection is ready.
 
 One ServerLogin exists per server connection while it logs in; the connection routes
 received bytes here until ReadyForQuery, then drops it. Failures are raised
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from .auth import ScramClientSession, md5_response
 from .errors import ServerLoginFailed, ServerUnreachable
+from .hosts import check_query, mismatch_reason, query_verdict, role_verdict
 from .pool import Pool, ServerState
 from .protocol import codes, messages
 from .protocol.errors import ProtocolError
@@ -30,7 +32,16 @@ ErrorFields = dict[str, str]
 class ServerLogin:
     """Logs one server connection in; see the module docstring."""
 
-    __slots__ = ("pool", "reader", "registry", "scram", "server", "ssl_answer_pending")
+    __slots__ = (
+        "check_value",
+        "checking",
+        "pool",
+        "reader",
+        "registry",
+        "scram",
+        "server",
+        "ssl_answer_pending",
+    )
 
     def __init__(self, server: ServerConnection) -> None:
         self.server = server
@@ -39,6 +50,8 @@ class ServerLogin:
         self.reader = MessageReader(self.registry.config.max_packet_size)
         self.scram: ScramClientSession | None = None
         self.ssl_answer_pending = False
+        self.checking = False  # check_query sent, its ReadyForQuery not yet read
+        self.check_value: bytes | None = None
 
     def start(self) -> None:
         """The connection is up: ask for TLS first, or send the startup packet."""
@@ -50,7 +63,7 @@ class ServerLogin:
             self._send_startup()
 
     def _wants_tls(self) -> bool:
-        if self.registry.server_tls is None or self.pool.settings.database.host.startswith("/"):
+        if self.registry.server_tls is None or self.server.host.startswith("/"):
             return False  # TLS is not offered on unix sockets
         return self.registry.config.server_tls.sslmode != "allow" or self.pool.tls_fallback
 
@@ -67,7 +80,7 @@ class ServerLogin:
         """The server's one-byte answer to SSLRequest."""
         self.ssl_answer_pending = False
         answer, rest = data[:1], data[1:]
-        db = self.pool.settings.database
+        server = self.server
         mode = self.registry.config.server_tls.sslmode
         if answer == b"S":
             if rest:
@@ -81,14 +94,13 @@ class ServerLogin:
                 self.server,
                 context,
                 server_side=False,
-                server_hostname=db.host,
+                server_hostname=server.host,
                 on_handshake=self._tls_ready,
             )
         elif answer == b"N":
             if mode in ("require", "verify-ca", "verify-full"):
                 raise ServerLoginFailed(
-                    f"server {db.host}:{db.port} does not accept TLS but server_tls_sslmode "
-                    f"= {mode}",
+                    f"server {server.address} does not accept TLS but server_tls_sslmode = {mode}",
                     hint="enable ssl in postgresql.conf, or lower server_tls_sslmode",
                 )
             self._send_startup()
@@ -101,16 +113,16 @@ class ServerLogin:
         if error is None:
             self._send_startup()
             return
-        db = self.pool.settings.database
+        server = self.server
         mode = self.registry.config.server_tls.sslmode
         hint = None
         if mode in ("verify-ca", "verify-full"):
             hint = "server_tls_ca_file must hold the CA that signed the server's certificate" + (
-                f", and the certificate must name {db.host}" if mode == "verify-full" else ""
+                f", and the certificate must name {server.host}" if mode == "verify-full" else ""
             )
         self.server.login_failed(
             ServerUnreachable(
-                f"TLS handshake with server {db.host}:{db.port} failed for pool "
+                f"TLS handshake with server {server.address} failed for pool "
                 f'"{self.pool.name}" (server_tls_sslmode = {mode}): {error}',
                 hint=hint,
             )
@@ -147,9 +159,37 @@ class ServerLogin:
                     )
                 )
             elif typ == codes.B_READY_FOR_QUERY:
-                self.server.logged_in(reader.take_rest())
+                self._ready(reader)
+            elif typ == codes.B_DATA_ROW and self.checking:
+                self.check_value = messages.parse_data_row(body)[0]
+            elif self.checking and typ in (codes.B_ROW_DESCRIPTION, codes.B_COMMAND_COMPLETE):
+                pass
             elif typ not in (codes.B_NOTICE_RESPONSE, codes.B_NEGOTIATE_PROTOCOL_VERSION):
                 raise ProtocolError(f"unexpected message {chr(typ)!r} from server during login")
+
+    def _ready(self, reader: MessageReader) -> None:
+        """ReadyForQuery: logged in, or the role check answered. A server that does not
+        say what it is (PostgreSQL before 14 reports neither in_hot_standby nor
+        default_transaction_read_only) is asked, as libpq asks it."""
+        server = self.server
+        target = server.attempt.target
+        if self.checking:
+            self.checking = False
+            value = self.check_value.decode() if self.check_value is not None else None
+            suits, why = query_verdict(target, value)
+        else:
+            verdict = role_verdict(target, server.params)
+            if verdict is None:
+                assert server.transport is not None
+                self.checking = True
+                server.transport.write(messages.query(check_query(target)))
+                return
+            suits = verdict
+            why = "" if suits else mismatch_reason(target, server.params)
+        if suits:
+            server.logged_in(reader.take_rest())
+        else:
+            server.role_rejected(why)
 
     def _answer_auth(self, body: bytes) -> None:
         transport = self.server.transport

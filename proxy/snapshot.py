@@ -148,6 +148,12 @@ def live_totals(registry: Registry) -> dict[int, tuple[PoolStats, dict[str, floa
     return {key: (stats, stats.totals((c[0], c[1], c[2]))) for key, (stats, c) in live.items()}
 
 
+def _load_balance_hosts(pool: Pool) -> str | None:
+    """SHOW POOLS' load_balance_hosts: as PgBouncer, for a host list only."""
+    database = pool.settings.database
+    return pool.config.load_balance_hosts_for(database) if "," in database.host else None
+
+
 def _new_pool_entry(pool: Pool) -> dict[str, Any]:
     settings = pool.settings
     entry: dict[str, Any] = dict.fromkeys(_POOL_SUMS, 0)
@@ -155,6 +161,7 @@ def _new_pool_entry(pool: Pool) -> dict[str, Any]:
         database=settings.database.name,
         user=settings.user,
         pool_mode=pool.mode,
+        load_balance_hosts=_load_balance_hosts(pool),
         pool_size=pool.size,
         paused=pool.paused,
         maxwait=0.0,
@@ -183,12 +190,16 @@ def _pool_entry(
         entry["_seen"] = set()
     entry["_seen"].add(id(pool))
     server: Any
+    check_before = pool.check_before
     for server in pool.servers:
         state = server.state
         if state is ServerState.LOGIN:
             entry["sv_login"] += 1
         elif state is ServerState.IDLE:
-            entry["sv_idle"] += 1
+            # PgBouncer's sv_used: idle, but due for server_check_query before reuse.
+            entry["sv_used" if server.idle_since < check_before else "sv_idle"] += 1
+        elif state is ServerState.TESTED:
+            entry["sv_tested"] += 1
         elif state is ServerState.ACTIVE:
             if server.client is not None:
                 entry["sv_active"] += 1
@@ -246,7 +257,8 @@ def _databases(
     rows = [
         {
             "name": ADMIN_DB, "host": None, "port": config.listen_port, "database": ADMIN_DB,
-            "force_user": ADMIN_DB, "pool_size": 2, "min_pool_size": 0,
+            "force_user": ADMIN_DB, "pool_size": 2, "min_pool_size": 0, "reserve_pool_size": 0,
+            "max_connections": 0, "max_client_connections": 0,
             "server_lifetime": int(config.server_lifetime), "pool_mode": "statement",
             "current_connections": 0, "current_client_connections": 0,
             "paused": False, "disabled": False, "admin": True,
@@ -256,18 +268,23 @@ def _databases(
     clients: dict[str, int] = {}
     for (name, _user), entry in pools.items():
         servers[name] = servers.get(name, 0) + entry["sv_active"] + entry["sv_idle"]
-        servers[name] += entry["sv_tested"] + entry["sv_login"]
+        servers[name] += entry["sv_used"] + entry["sv_tested"] + entry["sv_login"]
         clients[name] = clients.get(name, 0) + entry["cl_active"] + entry["cl_waiting"]
     for name, db in config.databases.items():
         rows.append(
             {
                 "name": name,
-                "host": db.host,
-                "port": db.port,
+                "host": db.host,  # "a,b" for a host list (PgBouncer shows it so too)
+                "port": db.hosts[0][1],
+                # As PgBouncer: shown for a host list only.
+                "load_balance_hosts": config.load_balance_hosts_for(db) if "," in db.host else None,
                 "database": db.dbname,
                 "force_user": db.user,
                 "pool_size": config.pool_size_for(db),
                 "min_pool_size": config.min_pool_size_for(db),
+                "reserve_pool_size": config.reserve_pool_size_for(db, ""),
+                "max_connections": config.db_limit(db, "max_db_connections"),
+                "max_client_connections": config.db_limit(db, "max_db_client_connections"),
                 "server_lifetime": int(config.server_lifetime),
                 "pool_mode": db.pool_mode,
                 "current_connections": servers.get(name, 0),
@@ -283,6 +300,7 @@ def _user_names(registry: Registry) -> list[str]:
     config = registry.config
     names = dict.fromkeys([*config.users, *config.auth_file_users])
     names.update(dict.fromkeys(user for _db, user in registry.pools))
+    names.update(dict.fromkeys(pool.settings.server_user for pool in registry.pools.values()))
     return sorted(names)
 
 
@@ -291,7 +309,7 @@ def _users(registry: Registry) -> list[dict[str, Any]]:
     servers: dict[str, int] = {}
     clients: dict[str, int] = {}
     for pool in registry.iter_pools():
-        user = pool.settings.user
+        user = pool.settings.server_user  # max_user_connections counts server logins
         servers[user] = servers.get(user, 0) + len(pool.servers) + pool.connecting
     for client in registry.clients:
         if client.pool is not None and client.state is not ClientState.LOGIN:
@@ -304,6 +322,11 @@ def _users(registry: Registry) -> list[dict[str, Any]]:
                 "name": name,
                 "pool_size": found.pool_size if found is not None else None,
                 "pool_mode": found.pool_mode if found is not None else None,
+                "reserve_pool_size": found.reserve_pool_size if found is not None else None,
+                "max_user_connections": config.user_limit(name, "max_user_connections"),
+                "max_user_client_connections": config.user_limit(
+                    name, "max_user_client_connections"
+                ),
                 "current_connections": servers.get(name, 0),
                 "current_client_connections": clients.get(name, 0),
             }
@@ -401,15 +424,15 @@ def _server_row(registry: Registry, server: Any, offset: float) -> dict[str, Any
     if state is ServerState.LOGIN:
         activity = "new"
     elif state is ServerState.IDLE:
-        activity = "idle"
+        activity = "used" if server.idle_since < pool.check_before else "idle"
     elif server.cancel_pending:
         activity = "being_canceled"
     elif client is None:
-        activity = "tested"  # pgmux's own query: cleanup, reset, settings
+        activity = "tested"  # pgmux's own query: check, cleanup, reset, settings
     else:
         activity = client_activity(client)
     local, local_port, tls = _transport_info(server.transport)
-    host = db.host
+    host = server.host  # the host of the database's list this server is on
     busy = client.busy_since if client is not None else 0.0
     last_used = server.idle_since if state is ServerState.IDLE or not busy else abs(busy)
     return {
@@ -419,7 +442,7 @@ def _server_row(registry: Registry, server: Any, offset: float) -> dict[str, Any
         "database": db.name,
         "state": activity,
         "addr": "unix" if host.startswith("/") else host,
-        "port": db.port,
+        "port": server.port,
         "local_addr": local,
         "local_port": local_port,
         "connect_time": server.created_at + offset,

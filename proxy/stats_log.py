@@ -42,7 +42,7 @@ class StatsLog:
         clients = sum(p["cl_active"] + p["cl_waiting"] for p in pools)
         waiting = sum(p["cl_waiting"] for p in pools)
         active = sum(p["sv_active"] for p in pools)
-        idle = sum(p["sv_idle"] for p in pools)
+        idle = sum(p["sv_idle"] + p["sv_used"] for p in pools)
         return (
             f"stats: {d['xact_count'] / length:.0f} xacts/s, "
             f"{d['query_count'] / length:.0f} queries/s, "

@@ -57,7 +57,8 @@ def write_pgbouncer_config(pg: PgCluster, directory: Path, port: int) -> Path:
         "pgbouncer.ini": (
             "[databases]\n"
             f"{APP_DB} = host={pg.host} port={pg.port} dbname={APP_DB}\n"
-            f"{TX_DB} = host={pg.host} port={pg.port} dbname={APP_DB} pool_mode=transaction\n"
+            f"{TX_DB} = host={pg.host} port={pg.port} dbname={APP_DB} pool_mode=transaction "
+            "connect_query='SELECT 1'\n"
             "\n[pgbouncer]\n"
             "; pool_mode and auth_type are left to PgBouncer's defaults (session, md5)\n"
             f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
@@ -146,10 +147,11 @@ async def test_convert_and_run_in_place_of_pgbouncer(pg: PgCluster, workdir: Pat
     text = out.read_text()
     lines = ini.read_text().splitlines()
     logfile = lines.index("logfile = pgbouncer-file.log") + 1
-    user = lines.index(f"{APP_USER} = max_user_connections=10") + 1
+    tx_db = next(i for i, line in enumerate(lines) if line.startswith(f"{TX_DB} =")) + 1
     assert f"# {ini}:{logfile}: logfile = pgbouncer-file.log: does not apply to pgmux" in text
-    assert f"# {ini}:{user}: [users] {APP_USER}: max_user_connections=10: not supported" in text
+    assert f"# {ini}:{tx_db}: [databases] {TX_DB}: connect_query=SELECT 1: not supported" in text
     raw = tomllib.loads(text)
+    assert raw["users"][APP_USER] == {"max_user_connections": 10}
     assert raw["auth_file"] == str(ini.parent / "userlist.txt")
     assert raw["default_pool_size"] == 4  # from the %include'd file
 
@@ -185,7 +187,7 @@ async def test_run_straight_from_the_pgbouncer_ini(pg: PgCluster, workdir: Path)
         await check_clients(pgmux.host, pgmux.port)
         log = pgmux.log()
         assert f"{ini}:" in log and "logfile = pgbouncer-file.log: does not apply" in log
-        assert "max_user_connections=10: not supported" in log
+        assert "connect_query=SELECT 1: not supported" in log
         assert 'wrote pool_mode = "session"' in log  # the notes reach the log too
         # A reload reads the ini again: its %include'd pool size changes live.
         (ini.parent / "pools.ini").write_text(

@@ -17,7 +17,9 @@ directory that user owns. Roles made here are the fixed cast the tests rely on:
 
 ``PgCluster.create(tls=CertFiles)`` turns TLS on (the server certificate, key and CA are
 copied into the data directory, owned by the server's OS user, the key mode 0600);
-``hba=`` replaces the default pg_hba.conf (``DEFAULT_HBA``).
+``hba=`` replaces the default pg_hba.conf (``DEFAULT_HBA``). ``PgCluster.standby_of(primary)``
+makes a streaming standby of a primary created with ``hba=REPLICATION_HBA``
+(pg_basebackup -R), and ``promote()`` turns a standby into a primary.
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ TLS_ONLY_HBA = (
 )
 """pg_hba.conf of the ``pg_tls`` fixture: over TCP only TLS connections get in, and only
 with SCRAM (so ``md5user``, whose password is stored as md5, cannot log in there)."""
+REPLICATION_HBA = DEFAULT_HBA + "local replication all trust\n"
+"""pg_hba.conf of a primary that ``PgCluster.standby_of`` can copy: the superuser may
+stream WAL over the unix socket."""
 
 # Files ``tls=`` copies into the data directory, under these names.
 TLS_CERT_FILE, TLS_KEY_FILE, TLS_CA_FILE = "server.crt", "server.key", "ca.crt"
@@ -248,6 +253,37 @@ class PgCluster:
             str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.logfile),
             "-m", mode, "-w", "-t", "60", "restart",
         ])  # fmt: skip
+
+    @classmethod
+    def standby_of(cls, primary: PgCluster) -> PgCluster:
+        """A streaming standby of ``primary`` (``pg_basebackup -R``, so it follows the
+        primary over its unix socket) on a free port, started and accepting read-only
+        connections. The primary's pg_hba.conf must allow replication (REPLICATION_HBA)."""
+        base = Path(tempfile.mkdtemp(prefix="pgmux-pg-standby-", dir="/tmp"))
+        os.chmod(base, 0o700)
+        if os.geteuid() == 0:
+            pw = pwd.getpwnam("postgres")
+            os.chown(base, pw.pw_uid, pw.pw_gid)
+        standby = cls(primary.bindir, base, free_port(), extra_conf=dict(primary.extra_conf),
+                      hba=primary.hba)  # fmt: skip
+        try:
+            standby._run([
+                str(primary.bindir / "pg_basebackup"), "-D", str(standby.datadir),
+                "-h", str(primary.socket_dir), "-p", str(primary.port), "-U", SUPERUSER,
+                "-X", "stream", "-R", "-c", "fast",
+            ])  # fmt: skip
+            with open(standby.datadir / "postgresql.conf", "a") as f:  # later lines win
+                f.write(f"port = {standby.port}\n")
+                f.write(f"unix_socket_directories = '{standby.socket_dir}'\n")
+            standby.start()
+        except BaseException:
+            standby.destroy()
+            raise
+        return standby
+
+    def promote(self) -> None:
+        """``pg_ctl promote``: a standby becomes a primary; returns once it is one."""
+        self._run([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-w", "promote"])
 
     def destroy(self) -> None:
         if (self.datadir / "postmaster.pid").exists():

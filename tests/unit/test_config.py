@@ -95,6 +95,15 @@ def test_overrides_resolve_per_pool() -> None:
         ({"workers": 65, **MINIMAL}, "workers: must be 1 to 64, got 65"),
         ({"workers": "two", **MINIMAL}, "workers: must be an integer, got the string 'two'"),
         ({"workers": 2.0, **MINIMAL}, "workers: must be an integer, got 2.0"),
+        (
+            {"server_check_delay": -1, **MINIMAL},
+            "server_check_delay: must be 0 (check every time) or",
+        ),
+        ({"server_check_query": 1, **MINIMAL}, "server_check_query: must be a string"),
+        (
+            {"server_check_query": "SELECT 1\x00", **MINIMAL},
+            "server_check_query: must not contain a NUL character",
+        ),
     ],
 )
 def test_errors_name_the_key(raw: dict[str, object], message: str) -> None:
@@ -152,3 +161,35 @@ def test_worker_share_warnings_name_the_small_limits() -> None:
     assert "up to 4 server connections to small in total instead of 2" in warnings[0]
     assert warnings[1].startswith("users.u.pool_size = 1 is less than workers = 4")
     assert warnings[2].startswith("max_client_conn = 3 is less than workers = 4")
+
+
+def test_worker_share_warnings_cover_the_shared_limits() -> None:
+    config = parse_config(
+        {"workers": 4, "max_db_connections": 2, "max_user_client_connections": 8, **MINIMAL}
+    )
+    warnings = worker_share_warnings(config)
+    assert len(warnings) == 1
+    assert warnings[0].startswith("max_db_connections = 2 is less than workers = 4")
+    assert "up to 4 server connections per database in total instead of 2" in warnings[0]
+
+
+def test_limits_take_the_most_specific_value() -> None:
+    config = parse_config(
+        {
+            "max_db_connections": 10,
+            "reserve_pool_size": 1,
+            "max_user_client_connections": 7,
+            "databases": {"a": {"max_db_connections": 3, "reserve_pool_size": 2}, "b": {}},
+            "users": {"u": {"reserve_pool_size": 4, "max_user_client_connections": 0}},
+        }
+    )
+    a, b = config.databases["a"], config.databases["b"]
+    assert config.db_limit(a, "max_db_connections") == 3
+    assert config.db_limit(b, "max_db_connections") == 10
+    assert config.reserve_pool_size_for(a, "x") == 2
+    assert config.reserve_pool_size_for(a, "u") == 4  # the user's wins
+    assert config.reserve_pool_size_for(b, "x") == 1
+    assert config.user_limit("u", "max_user_client_connections") == 0  # 0: no limit for u
+    assert config.user_limit("x", "max_user_client_connections") == 7
+    with pytest.raises(ConfigError, match="max_db_connections: must be at least 0, got -1"):
+        parse_config({"databases": {"a": {"max_db_connections": -1}}})

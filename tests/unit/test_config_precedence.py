@@ -41,6 +41,38 @@ def test_url_forms(url: str, host: str, port: int, dbname: str) -> None:
     assert (db.host, db.port, db.dbname) == (host, port, dbname)
 
 
+@pytest.mark.parametrize(
+    ("url", "host", "port"),
+    [
+        ("postgres://app:pw@h1:5432,h2:5433/app", "h1,h2", (5432, 5433)),
+        ("postgres://app:pw@h1,h2/app", "h1,h2", 5432),
+        ("postgres://app:pw@h1,h2:6000/app", "h1,h2", (5432, 6000)),  # libpq: 5432 if none
+        ("postgres://app:pw@h1:7,[::1]:7/app", "h1,::1", 7),
+        ("postgres://app:pw@/app?host=/run/a,/run/b&port=5432,5433", "/run/a,/run/b", (5432, 5433)),
+    ],
+)
+def test_url_host_lists_as_libpq_reads_them(url: str, host: str, port: object) -> None:
+    db = source(url).load().config.databases["app"]
+    assert (db.host, db.port) == (host, port)
+
+
+def test_url_failover_parameters() -> None:
+    url = "postgres://app:pw@h1,h2/app?target_session_attrs=read-write&load_balance_hosts=random"
+    db = source(url).load().config.databases["app"]
+    assert (db.target_session_attrs, db.load_balance_hosts) == ("read-write", "random")
+    assert db.hosts == (("h1", 5432), ("h2", 5432))
+
+
+def test_a_host_list_survives_check_and_set() -> None:
+    loaded = source("postgres://app:pw@h1:5432,h2:5433/app").load()
+    text = describe(loaded)
+    assert 'host = "h1,h2"' in text and "port = [5432, 5433]" in text
+    reread = tomllib.loads(text.replace('"********"', '"pw"'))
+    assert parse_config(reread).databases["app"].hosts == (("h1", 5432), ("h2", 5433))
+    config = source(URL, sets=("databases.appdb.host=a,b", "databases.appdb.port=1,2")).load()
+    assert config.config.databases["appdb"].hosts == (("a", 1), ("b", 2))
+
+
 def test_url_parameters_and_percent_encoded_secrets() -> None:
     url = "postgres://app:p%40ss%3Aword@db/app?sslmode=require&pool_size=4&pool_mode=session"
     config = source(url).load().config
@@ -56,9 +88,14 @@ def test_url_parameters_and_percent_encoded_secrets() -> None:
         ("mysql://app:pw@db/app", "must start with postgres://"),
         ("postgres://db/app", "name the user"),
         ("postgres://app:pw@db:99999/app", "port is not a number"),
-        ("postgres://app:pw@a,b/app", "several hosts"),
+        ("postgres://app:pw@a,,b/app", "an empty host in the list"),
+        ("postgres://app:pw@a:5432,b:x/app", "port is not a number"),
+        ("postgres://app:pw@[::1/app", "not a URL"),
+        ("postgres://app:pw@[::1]x/app", "is not a host or [address]:port"),
         ("postgres://app:pw@db/app?pool_size=many", "pool_size must be a number"),
-        ("postgres://app:pw@db/app?target_session_attrs=any", "unknown parameter"),
+        ("postgres://app:pw@db/app?target_session=any", "unknown parameter"),
+        ("postgres://app:pw@db/app?target_session_attrs=rw", "must be one of any, read-write"),
+        ("postgres://app:pw@a,b/app?port=1,2,3", "3 ports for 2 hosts"),
     ],
 )
 def test_bad_urls_are_refused_with_the_password_masked(url: str, problem: str) -> None:

@@ -320,6 +320,27 @@ def test_a_setting_pgmux_gained_converts_by_the_type_of_its_default(tmp_path: Pa
     absent(converted.notes, "max_prepared_statements not set")
 
 
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [("select 1", "select 1"), ("<empty>", "<empty>"), ("", "")],
+)
+def test_server_checks_convert_with_pgbouncers_meaning(
+    tmp_path: Path, query: str, expected: str
+) -> None:
+    """server_check_query's three forms (a query, <empty>, empty = off) mean the same in
+    pgmux, and server_check_delay comes along."""
+    converted = convert(
+        tmp_path,
+        f"[databases]\napp = host=h\n[pgbouncer]\nserver_check_query = {query}\n"
+        "server_check_delay = 10\n",
+    )
+    assert converted.raw["server_check_query"] == expected
+    assert converted.raw["server_check_delay"] == 10
+    absent(converted.unsupported, "server_check")
+    config = load(converted)
+    assert (config.server_check_query, config.server_check_delay) == (expected, 10.0)
+
+
 # -- changes of meaning -------------------------------------------------------------------
 
 
@@ -463,8 +484,12 @@ def test_databases(tmp_path: Path) -> None:
     assert "copied its password from auth_file" in one(converted.notes, "[databases] forced")
     assert databases["loose"] == {"host": "db1"}
     assert "no effect" in one(converted.notes, "[databases] loose")
-    assert databases["multi"] == {"host": "db1", "dbname": "m"}
-    assert "connects to the first, db1" in one(converted.unsupported, "host=db1,db2")
+    # A host list keeps PgBouncer's round-robin, tried the libpq way (dead hosts skipped).
+    assert databases["multi"] == {
+        "host": "db1,db2", "dbname": "m", "load_balance_hosts": "round-robin"
+    }  # fmt: skip
+    assert "PgBouncer's default for a host list" in one(converted.notes, "host=db1,db2")
+    assert not [line for line in converted.unsupported if "db1,db2" in line]
     assert set(databases) == {"full", "forced", "loose", "multi"}
     one(converted.unsupported, "host=@sock")
     assert "admin console" in one(converted.unsupported, "[databases] pgmux")
@@ -473,23 +498,54 @@ def test_databases(tmp_path: Path) -> None:
     assert config.databases["forced"].password == "ownerpw"
 
 
+def test_host_lists_and_their_settings_convert(tmp_path: Path) -> None:
+    converted = convert(
+        tmp_path,
+        "[databases]\n"
+        "rw = host=db1,db2,/var/run/postgresql port=5433 load_balance_hosts=disable "
+        "target_session_attrs=read-write\n"
+        "ro = host=db1,db2 load_balance_hosts=Round-Robin target_session_attrs=standby\n"
+        "[pgbouncer]\n",
+    )
+    databases = converted.raw["databases"]
+    assert databases["rw"] == {
+        "host": "db1,db2,/var/run/postgresql", "port": 5433,
+        "load_balance_hosts": "disable", "target_session_attrs": "read-write",
+    }  # fmt: skip
+    assert databases["ro"] == {
+        "host": "db1,db2", "load_balance_hosts": "round-robin", "target_session_attrs": "standby"
+    }  # fmt: skip
+    assert "stays on the host that worked last" in one(converted.notes, "[databases] rw")
+    assert not [line for line in converted.notes if "[databases] ro" in line]
+    assert converted.unsupported == ()
+    config = load(converted)
+    assert config.databases["rw"].hosts == (
+        ("db1", 5433), ("db2", 5433), ("/var/run/postgresql", 5433)
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="load_balance_hosts = sideways: must be one of"):
+        convert(tmp_path, "[databases]\na = host=h load_balance_hosts=sideways\n[pgbouncer]\n")
+
+
 def test_database_options_pgmux_lacks_are_listed(tmp_path: Path) -> None:
     converted = convert(
         tmp_path,
         "[databases]\n"
         "app = host=h password=hidden user=u reserve_pool=5 max_db_connections=0 "
-        "connect_query='SET x = 1' client_encoding=UTF8 timezone=UTC bogus=1\n"
+        "max_db_client_connections=40 connect_query='SET x = 1' client_encoding=UTF8 "
+        "timezone=UTC bogus=1\n"
         "[pgbouncer]\n",
     )
     where = f"{tmp_path / 'pgbouncer.ini'}:2: [databases] app: "
-    assert one(converted.unsupported, "reserve_pool=5").startswith(where)
+    assert one(converted.unsupported, "connect_query=SET x = 1").startswith(where)
     assert "not supported by pgmux yet" in one(converted.unsupported, "connect_query=SET x = 1")
     assert "ALTER DATABASE" in one(converted.unsupported, "client_encoding=UTF8")
     one(converted.unsupported, "timezone=UTC")
     assert "not a connection parameter" in one(converted.unsupported, "bogus=1")
-    assert "left out" in one(converted.notes, "max_db_connections=0")  # 0: unlimited, as pgmux
     assert not [line for line in converted.unsupported + converted.notes if "hidden" in line]
-    assert converted.raw["databases"]["app"] == {"host": "h", "user": "u", "password": "hidden"}
+    assert converted.raw["databases"]["app"] == {
+        "host": "h", "user": "u", "password": "hidden", "reserve_pool_size": 5,
+        "max_db_connections": 0, "max_db_client_connections": 40,
+    }  # fmt: skip
 
 
 def test_per_database_auth_user(tmp_path: Path) -> None:
@@ -520,21 +576,21 @@ def test_users(tmp_path: Path) -> None:
         "[databases]\napp = host=h\n[pgbouncer]\n[users]\n"
         "app = pool_mode=Session pool_size=4 query_timeout=30 query_wait_timeout=-1 "
         "idle_transaction_timeout=1min client_idle_timeout=0 transaction_timeout=5min\n"
-        "batch = max_user_connections=10 max_user_client_connections=0 whatever=1\n",
+        "batch = max_user_connections=10 max_user_client_connections=0 reserve_pool_size=2 "
+        "whatever=1\n",
     )
     users = converted.raw["users"]
     assert users == {
         "app": {"pool_mode": "session", "pool_size": 4, "query_timeout": 30,
                 "idle_transaction_timeout": 60, "client_idle_timeout": 0,
                 "transaction_timeout": 300},
-        "batch": {},
+        "batch": {"max_user_connections": 10, "max_user_client_connections": 0,
+                  "reserve_pool_size": 2},
     }  # fmt: skip
     assert "means not set" in one(converted.notes, "query_wait_timeout=-1")
-    assert one(converted.unsupported, "max_user_connections=10").startswith(
+    assert one(converted.unsupported, "whatever=1").startswith(
         f"{tmp_path / 'pgbouncer.ini'}:6: [users] batch: "
     )
-    assert "left out" in one(converted.notes, "max_user_client_connections=0")
-    one(converted.unsupported, "whatever=1")
     config = load(converted)
     assert config.timeout_for("idle_transaction_timeout", "app") == 60
 
@@ -556,11 +612,7 @@ def test_peers_are_listed(tmp_path: Path) -> None:
         ("user = postgres", "does not apply to pgmux"),
         ("so_reuseport = 1", "set workers = N"),
         ("syslog = 1", "does not apply to pgmux"),
-        ("reserve_pool_size = 5", "not supported by pgmux yet (pgmux has no reserve pool"),
-        ("max_db_connections = 50", "not supported by pgmux yet"),
-        ("max_user_connections = 50", "not supported by pgmux yet"),
-        ("server_check_query = select 1", "not supported by pgmux yet"),
-        ("server_round_robin = 1", "not supported by pgmux yet"),
+        ("disable_pqexec = 1", "not supported by pgmux yet"),
         ("dns_max_ttl = 60", "not supported by pgmux yet"),
         ("peer_id = 1", "not supported by pgmux yet"),
         ("no_such_setting = 1", "not a PgBouncer setting pgmux knows"),
@@ -582,16 +634,12 @@ def test_settings_pgmux_lacks_are_listed_with_file_and_line(
     [
         "logfile =",
         "syslog = 0",
-        "reserve_pool_size = 0",
-        "max_db_connections = 0",
-        "server_round_robin = 0",
         "dns_max_ttl = 15",
         "pkt_buf = 4096",
         "ignore_startup_parameters = extra_float_digits",
         "track_extra_parameters = IntervalStyle",
         "conffile = /etc/pgbouncer/pgbouncer.ini",
         "syslog_ident = pgbouncer",  # moot: syslog is off
-        "reserve_pool_timeout = 5",  # moot: no reserve pool
     ],
 )
 def test_values_pgmux_behaves_the_same_with_are_notes(tmp_path: Path, line: str) -> None:
@@ -602,16 +650,11 @@ def test_values_pgmux_behaves_the_same_with_are_notes(tmp_path: Path, line: str)
 
 
 def test_moot_only_while_the_other_setting_is_off(tmp_path: Path) -> None:
-    converted = convert(
-        tmp_path,
-        "[pgbouncer]\nsyslog = 1\nsyslog_ident = pgb\nreserve_pool_size = 2\n"
-        "reserve_pool_timeout = 3\nserver_check_delay = 10\n",
-    )
-    for key in ("syslog", "syslog_ident", "reserve_pool_size", "reserve_pool_timeout",
-                "server_check_delay"):  # fmt: skip
+    converted = convert(tmp_path, "[pgbouncer]\nsyslog = 1\nsyslog_ident = pgb\n")
+    for key in ("syslog", "syslog_ident"):
         one(converted.unsupported, f"{key} =")
-    checks_off = convert(tmp_path, "[pgbouncer]\nserver_check_query =\nserver_check_delay = 10\n")
-    one(checks_off.notes, "server_check_delay = 10")
+    syslog_off = convert(tmp_path, "[pgbouncer]\nsyslog = 0\nsyslog_ident = pgb\n")
+    one(syslog_off.notes, "syslog_ident = pgb")
 
 
 def test_lines_are_in_file_order(tmp_path: Path) -> None:
@@ -644,7 +687,8 @@ def test_round_trip_of_everything(tmp_path: Path) -> None:
     converted = convert(
         tmp_path,
         "[databases]\n"
-        "app = host=127.0.0.1 port=5432 dbname=app pool_size=10 reserve_pool=2\n"
+        "app = host=127.0.0.1 port=5432 dbname=app pool_size=10 reserve_pool=2 "
+        "client_encoding=UTF8\n"
         "owned = host=/var/run/postgresql dbname=app user=owner pool_mode=transaction\n"
         "[pgbouncer]\n"
         "listen_addr = *\nlisten_port = 6543\nauth_type = scram-sha-256\n"
@@ -672,14 +716,15 @@ def test_round_trip_of_everything(tmp_path: Path) -> None:
     assert config.pool_mode_for(config.databases["owned"], "x") == "transaction"
     assert config.pool_mode_for(config.databases["app"], "x") == "session"
     assert config.max_prepared_statements == 100
-    assert len(converted.unsupported) == 3  # logfile, pidfile, reserve_pool=2
+    assert config.reserve_pool_size_for(config.databases["app"], "x") == 2
+    assert len(converted.unsupported) == 3  # logfile, pidfile, client_encoding=UTF8
 
 
 # -- pgmux convert ------------------------------------------------------------------------
 
 
 INI = (
-    "[databases]\napp = host=127.0.0.1 dbname=app reserve_pool=2\n"
+    "[databases]\napp = host=127.0.0.1 dbname=app client_encoding=UTF8\n"
     "[pgbouncer]\nlisten_addr = 127.0.0.1\nlogfile = pgbouncer.log\n"
 )
 
@@ -693,7 +738,7 @@ def test_convert_to_stdout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert raw["databases"] == {"app": {"host": "127.0.0.1", "dbname": "app"}}
     assert raw["pool_mode"] == "session"
     tail = out[out.index("# -- Not converted") :]
-    assert f"# {ini}:2: [databases] app: reserve_pool=2: not supported" in tail
+    assert f"# {ini}:2: [databases] app: client_encoding=UTF8: not supported" in tail
     assert f"# {ini}:5: logfile = pgbouncer.log: does not apply" in tail
     assert "# -- Converted with a change of meaning" in out
     assert err == (
