@@ -194,31 +194,29 @@ class Config:
     # The file's parsed TOML, for SET in the admin console (which re-parses it changed).
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
+    def _layered(self, name: str, database: DatabaseConfig, user: str, fallback: str) -> Any:
+        """The user's ``name``, else the database's, else the global ``fallback`` key
+        (PgBouncer's order: a [users] value applies to all of that user's pools)."""
+        user_config = self.users.get(user)
+        value = getattr(user_config, name) if user_config is not None else None
+        if value is None:
+            value = getattr(database, name)
+        return value if value is not None else getattr(self, fallback)
+
     def pool_mode_for(self, database: DatabaseConfig, user: str) -> str:
         """The user's pool_mode, else the database's, else the global one."""
-        user_config = self.users.get(user)
-        if user_config is not None and user_config.pool_mode is not None:
-            return user_config.pool_mode
-        return database.pool_mode or self.pool_mode
+        mode: str = self._layered("pool_mode", database, user, "pool_mode")
+        return mode
 
     def pool_size_for(self, database: DatabaseConfig, user: str = "") -> int:
-        """The user's pool_size, else the database's, else default_pool_size (PgBouncer's
-        order: a [users] pool_size applies to all of that user's pools)."""
-        user_config = self.users.get(user)
-        if user_config is not None and user_config.pool_size is not None:
-            return user_config.pool_size
-        if database.pool_size is not None:
-            return database.pool_size
-        return self.default_pool_size
+        """The user's pool_size, else the database's, else default_pool_size."""
+        size: int = self._layered("pool_size", database, user, "default_pool_size")
+        return size
 
     def reserve_pool_size_for(self, database: DatabaseConfig, user: str) -> int:
         """The user's reserve_pool_size, else the database's, else the global one."""
-        user_config = self.users.get(user)
-        if user_config is not None and user_config.reserve_pool_size is not None:
-            return user_config.reserve_pool_size
-        if database.reserve_pool_size is not None:
-            return database.reserve_pool_size
-        return self.reserve_pool_size
+        size: int = self._layered("reserve_pool_size", database, user, "reserve_pool_size")
+        return size
 
     def db_limit(self, database: DatabaseConfig, name: str) -> int:
         """max_db_connections or max_db_client_connections of ``database`` (0: none)."""

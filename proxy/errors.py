@@ -38,6 +38,14 @@ class TooManyConnections(ProxyError):
     reason = "max_client_conn"
 
 
+class DatabaseClientLimit(TooManyConnections):
+    reason = "max_db_client_connections"
+
+
+class UserClientLimit(TooManyConnections):
+    reason = "max_user_client_connections"
+
+
 class QueryWaitTimeout(ProxyError):
     sqlstate = "57014"  # query_canceled
     reason = "query_wait_timeout"

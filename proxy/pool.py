@@ -27,7 +27,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import CHECK_EMPTY_QUERY, Config, DatabaseConfig, worker_share
-from .errors import ProxyError, QueryWaitTimeout, ServerUnreachable, TooManyConnections
+from .errors import (
+    DatabaseClientLimit,
+    ProxyError,
+    QueryWaitTimeout,
+    ServerUnreachable,
+    UserClientLimit,
+)
 from .limits import ServerLimit
 from .prepared import StatementNames
 from .stats import PoolStats
@@ -968,42 +974,30 @@ class Registry:
         max_db_client_connections or max_user_client_connections is reached."""
         config = self.config
         name = database.name
-        total = config.db_limit(database, "max_db_client_connections")
-        if total and self.db_clients.get(name, 0) >= self.share(total):
-            raise TooManyConnections(
-                self._client_limit_text(
-                    "max_db_client_connections", f'database "{name}"', total,
-                    self.db_clients.get(name, 0),
-                ),
-                hint="raise max_db_client_connections (globally or in "
-                f"[databases.{name}]), or close idle clients",
-                reason="max_db_client_connections",
-            )  # fmt: skip
-        total = config.user_limit(user, "max_user_client_connections")
-        if total and self.user_clients.get(user, 0) >= self.share(total):
-            raise TooManyConnections(
-                self._client_limit_text(
-                    "max_user_client_connections", f'user "{user}"', total,
-                    self.user_clients.get(user, 0),
-                ),
-                hint="raise max_user_client_connections (globally or in "
-                f"[users.{user}]), or close idle clients",
-                reason="max_user_client_connections",
-            )  # fmt: skip
+        for error, key, counts, total, what, table in (
+            (DatabaseClientLimit, name, self.db_clients,
+             config.db_limit(database, "max_db_client_connections"), f'database "{name}"',
+             f"[databases.{name}]"),
+            (UserClientLimit, user, self.user_clients,
+             config.user_limit(user, "max_user_client_connections"), f'user "{user}"',
+             f"[users.{user}]"),
+        ):  # fmt: skip
+            count = counts.get(key, 0)
+            if total and count >= self.share(total):
+                setting = error.reason
+                where = (
+                    f" in this worker ({setting} = {total} is split between "
+                    f"{config.workers} workers)"
+                    if config.workers > 1
+                    else ""
+                )
+                raise error(
+                    f"too many client connections for {what} ({setting}): {count} of "
+                    f"{self.share(total)} in use{where}",
+                    hint=f"raise {setting} (globally or in {table}), or close idle clients",
+                )
         self.db_clients[name] = self.db_clients.get(name, 0) + 1
         self.user_clients[user] = self.user_clients.get(user, 0) + 1
-
-    def _client_limit_text(self, setting: str, what: str, total: int, count: int) -> str:
-        workers = self.config.workers
-        where = (
-            f" in this worker ({setting} = {total} is split between {workers} workers)"
-            if workers > 1
-            else ""
-        )
-        return (
-            f"too many client connections for {what} ({setting}): {count} of "
-            f"{self.share(total)} in use{where}"
-        )
 
     def client_left(self, database: str, user: str) -> None:
         """Undo ``admit_client``."""
