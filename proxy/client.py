@@ -4,7 +4,8 @@ Login (``login.py``) ends here: the welcome is answered by pgmux itself from the
 cached ParameterStatus values with a pgmux-made BackendKeyData, so most logins never
 touch PostgreSQL. Afterwards each chunk a client sends is scanned by its FrontendStream
 and written unchanged to the server it holds; a client holding none asks its pool for
-one first. Errors pgmux makes reach clients only via ``send_error``.
+one first (one whose server was lost under its transaction: see server_loss.py).
+Errors pgmux makes reach clients only via ``send_error``.
 """
 
 from __future__ import annotations
@@ -16,11 +17,22 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 from .config import DatabaseConfig
-from .errors import InvalidParameter, LoginTimeout, ProtocolViolation, ProxyError, ShuttingDown
+from .errors import (
+    InvalidParameter,
+    LoginTimeout,
+    ProtocolViolation,
+    ProxyError,
+    ShuttingDown,
+)
 from .login import Login
 from .pool import ClientState, Pool, Registry, Settings, link, unlink
-from .prepared import Statement, copy_batch, rewrite_requests
+from .prepared import (
+    Statement,
+    copy_batch,
+    rewrite_requests,
+)
 from .protocol import codes, messages
+from .protocol.aborted import AbortedBlock
 from .protocol.errors import ProtocolError
 from .protocol.stream import (
     TRACKED_FRONTEND,
@@ -35,6 +47,7 @@ from .server import (
     WRITE_LOW_WATER,
     ServerConnection,
 )
+from .server_loss import answer_failed_block, transaction_mark
 from .session_state import LOAD_TAG
 from .stats import PoolStats
 from .users import Credential
@@ -73,6 +86,7 @@ class ClientConnection(asyncio.Protocol):
         "connected_at",
         "dbname",
         "deferred",
+        "failed",
         "fe",
         "greeting",
         "host",
@@ -81,6 +95,7 @@ class ClientConnection(asyncio.Protocol):
         "last_sql",
         "loaded",
         "login",
+        "lost",
         "notified_wait",
         "paused",
         "pending",
@@ -89,6 +104,7 @@ class ClientConnection(asyncio.Protocol):
         "pinned_by",
         "pool",
         "registry",
+        "reported_in",
         "server",
         "settings",
         "startup_settings",
@@ -163,6 +179,13 @@ class ClientConnection(asyncio.Protocol):
         self.xact_since = 0.0  # when the open transaction's first request was sent
         self.bytes_in = 0  # relayed to servers (added to the pool's stats when it leaves)
         self.bytes_out = 0  # relayed from servers
+        # A transaction block that failed when its server was lost (state FAILED), and
+        # the error the client has not been told yet (it sent nothing meanwhile).
+        self.failed: AbortedBlock | None = None
+        self.lost: ProxyError | None = None
+        # The transaction (see _transaction_mark) in which the server last reported a
+        # setting change: rolled back with a lost server, it would need undoing.
+        self.reported_in = 0.0
 
     def __repr__(self) -> str:
         return f"C-{self.id} {self.user}@{self.dbname} {self.addr}"
@@ -196,6 +219,8 @@ class ClientConnection(asyncio.Protocol):
                 self.login.data_received(data)
         elif self.state is ClientState.ADMIN:
             self.admin.data_received(data)
+        elif self.state is ClientState.FAILED:
+            answer_failed_block(self, data)
         elif self.state is not ClientState.CLOSED:
             self._hold(data)  # waiting for a server, or the server runs pgmux's own query
 
@@ -220,7 +245,7 @@ class ClientConnection(asyncio.Protocol):
         if self.state is ClientState.WAITING:
             self.pool.leave_queue(self)
         self.state = ClientState.CLOSED
-        self._cancel_timer()
+        self.cancel_timer()
         registry = self.registry
         registry.clients.discard(self)
         stats = self.stats
@@ -493,7 +518,10 @@ class ClientConnection(asyncio.Protocol):
             settings.pop(lname, None)
         else:
             settings[lname] = value
+        before = self.settings
         self.settings = self.pool.intern(tuple(sorted(settings.items())))
+        if self.settings is not before:
+            self.reported_in = transaction_mark(self)
 
     def server_lost(self, error: ProxyError, *, already_told: bool) -> None:
         """The linked server connection closed under this client."""
@@ -608,7 +636,7 @@ class ClientConnection(asyncio.Protocol):
 
     def start_admin(self) -> None:
         """Authenticated for the admin console (called by Login)."""
-        self._cancel_timer()
+        self.cancel_timer()
         self.welcomed = True
         self.state = ClientState.ADMIN
         self.cancel_pid, self.cancel_key = self.registry.register_cancel_key(self)
@@ -637,7 +665,7 @@ class ClientConnection(asyncio.Protocol):
         """AuthenticationOk, parameters, a pgmux-made cancel key, ReadyForQuery."""
         pool = self.pool
         assert pool.params is not None
-        self._cancel_timer()
+        self.cancel_timer()
         self.welcomed = True
         self.state = ClientState.IDLE
         welcome = pool.welcome_cache.get(self.settings)
@@ -689,7 +717,7 @@ class ClientConnection(asyncio.Protocol):
             )
         )
 
-    def _cancel_timer(self) -> None:
+    def cancel_timer(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None

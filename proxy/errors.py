@@ -73,6 +73,14 @@ class ServerConnectionLost(ProxyError):
     reason = "server_connection_lost"
 
 
+class FailedTransaction(ProxyError):
+    """A request in a transaction block that failed when its server connection was
+    lost: refused as PostgreSQL refuses one in an aborted block, until it ends."""
+
+    sqlstate = "25P02"  # in_failed_sql_transaction
+    reason = "failed_transaction"
+
+
 class ServerLoginFailed(ProxyError):
     """The server refused pgmux's login; carries the server's own SQLSTATE."""
 

@@ -228,6 +228,8 @@ def check_client(client: ClientConnection, now: float) -> None:
     server = client.server
     if client.state is ClientState.IDLE:
         condition, limit = "idle", pool.client_idle_timeout
+    elif client.state is ClientState.FAILED:  # in a block whose server was lost
+        condition, limit = "idle in transaction", pool.idle_transaction_timeout
     elif client.state is not ClientState.ACTIVE or server is None or client.terminating:
         client.watch = None
         return
@@ -260,7 +262,7 @@ def check_client(client: ClientConnection, now: float) -> None:
             client,
             lasted,
             warn,
-            server,
+            server or "no server (it was lost)",
             dict(client.settings).get("application_name", ""),
             _statement(client.registry, client),
         )

@@ -56,8 +56,7 @@ class ServerLimit:
                 and other.idle
                 and not other.n_waiting
                 and (
-                    best is None
-                    or other.longest_idle().idle_since < best.longest_idle().idle_since
+                    best is None or other.longest_idle().idle_since < best.longest_idle().idle_since
                 )
             ):
                 best = other

@@ -88,6 +88,9 @@ class ClientState(enum.Enum):
     IDLE = "idle"  # logged in, holds no server
     WAITING = "waiting"  # in Pool.waiters, wants a server
     ACTIVE = "active"  # linked to a server
+    # In a transaction block that failed when its server was lost: holds no server,
+    # pgmux answers it as PostgreSQL answers an aborted block, until it ends the block.
+    FAILED = "failed"
     ADMIN = "admin"  # logged in to the admin console; never holds a server
     CLOSED = "closed"
 

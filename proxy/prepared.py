@@ -65,6 +65,8 @@ A_FAKE_PARSE = 2  # no-op Close instead of a Parse the server needs not do: '3' 
 A_INJECT = 3  # a Parse pgmux added before a Bind/Describe: its '1' is swallowed
 A_CLOSE = 4  # the client's Close; if skipped after an error, its mapping comes back
 
+# client.last_sql of a FunctionCall (compared by identity): a request with no SQL text.
+FUNCTION_CALL = b"(function call)"
 NOOP_SUFFIX = b"_noop"  # pgmux_17_noop: names no statement, says which one it stands for
 MARKER_PREFIX = b"pgmux_error_"
 
@@ -192,6 +194,8 @@ def rewrite_requests(
                 closed = client.statements.pop(name, None)  # restored if it is skipped
             _ops(server).append((batch, A_CLOSE, closed, name))
             client.barrier = batch
+        elif typ == 70:  # FunctionCall: no SQL; marked so last_sql is not taken for it
+            client.last_sql = FUNCTION_CALL
         if replacement is not None:
             if parts is None:
                 parts = []
@@ -456,6 +460,40 @@ def batch_done(server: ServerConnection, client: ClientConnection) -> None:
         server.markers.clear()
 
 
+def forget_lost(server: ServerConnection, client: ClientConnection) -> None:
+    """The server was lost with requests in flight: what it had not confirmed did not
+    happen, as after an error (a Parse never answered leaves no statement, a Close
+    never answered leaves it in place). The server's own statements go with it."""
+    ops = server.ops
+    while ops:
+        _, action, statement, name = ops.popleft()
+        _undo(server, client, action, statement, name)
+    if server.markers:
+        server.markers.clear()
+    if server.empty_replies:
+        server.empty_replies.clear()
+    server.retrying = False
+    client.batch_copy = None
+
+
+def client_statement(client: ClientConnection, name: bytes) -> bytes | None:
+    """The Parse contents (query, parameter types) of a client's named statement."""
+    statement = client.statements.get(name) if client.statements else None
+    return None if statement is None else statement.key
+
+
+def adopt_statement(client: ClientConnection, name: bytes, rest: bytes) -> bool:
+    """A named statement pgmux parsed for the client itself (in a failed transaction
+    block, see server_loss.py): servers get it when it is used. False when statements are
+    not mapped (max_prepared_statements = 0): then only a server could hold it."""
+    if client.registry.config.max_prepared_statements <= 0:
+        return False
+    if client.statements is None:
+        client.statements = {}
+    client.statements[name] = client.registry.statement_names.statement_for(rest)
+    return True
+
+
 def forget_statements(server: ServerConnection, client: ClientConnection | None) -> None:
     """DISCARD ALL / DEALLOCATE ALL ran: the session holds no prepared statement now."""
     if server.prepared:
@@ -598,11 +636,15 @@ def evictions(server: ServerConnection, limit: int) -> bytes:
 
 __all__ = [
     "CLOSE_COMPLETE",
+    "FUNCTION_CALL",
     "Statement",
     "StatementNames",
+    "adopt_statement",
     "batch_done",
+    "client_statement",
     "error_reply",
     "evictions",
+    "forget_lost",
     "forget_statements",
     "reply_for",
     "rewrite_requests",

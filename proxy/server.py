@@ -63,6 +63,7 @@ from .protocol.stream import (
     interesting_table,
 )
 from .server_login import ServerLogin
+from .server_loss import may_outlive, outlive_server
 from .session_state import (
     FORGET_STATEMENTS_TAGS,
     LOAD_REASON,
@@ -97,6 +98,7 @@ PAUSE_CLIENT_FULL = 1
 # BEGIN refused in statement mode), ParseComplete and CloseComplete (prepared statements).
 TRACKED_INTERESTING = interesting_table(b"ZSEGC13I")
 _BEGIN_TAGS = (b"BEGIN", b"START TRANSACTION")
+_WATCHED_TAGS = STATE_TAGS | frozenset(_BEGIN_TAGS)
 
 # pgmux's own queries that return rows (auth_query) also read DataRow whole.
 FETCH_INTERESTING = interesting_table(b"ZSEGD")
@@ -174,6 +176,7 @@ class ServerConnection(asyncio.Protocol):
         "backend_key",
         "backend_pid",
         "batch_started",
+        "begun",
         "cancel_pending",
         "client",
         "created_at",
@@ -265,6 +268,9 @@ class ServerConnection(asyncio.Protocol):
         self.prepared: OrderedDict[bytes, Statement] | None = None
         self.retrying = False  # swallowing a failed attempt until its ReadyForQuery
         self.batch_started = False
+        # fe.answered when a BEGIN's CommandComplete went to the client: the number of
+        # the request it belongs to (see server_loss.py).
+        self.begun = -1
         self.ops: deque[Op] | None = None
         # A failing stand-in's marker -> (the error to send instead, its SQLSTATE, and
         # its reason when pgmux makes it; None: PostgreSQL's own, counted as the server's).
@@ -519,13 +525,17 @@ class ServerConnection(asyncio.Protocol):
                     batch_parts = len(parts)
             elif typ == codes.B_COMMAND_COMPLETE:
                 tag = buf[start + 5 : stop - 1]
-                if tag in STATE_TAGS:
-                    client.note_tag(tag)
-                    if tag in FORGET_STATEMENTS_TAGS:
-                        forget_statements(self, client)
-                elif self.statement_mode and tag in _BEGIN_TAGS:
+                if tag in _WATCHED_TAGS:  # one lookup for the common tags' miss
+                    if tag not in _BEGIN_TAGS:
+                        client.note_tag(tag)
+                        if tag in FORGET_STATEMENTS_TAGS:
+                            forget_statements(self, client)
+                    elif not self.statement_mode:
+                        # The client knows a block is open even before the request's
+                        # ReadyForQuery (see server_loss.py).
+                        self.begun = fe.answered
                     # Hold a BEGIN's CommandComplete until we know it is refused.
-                    if stop == end:
+                    elif stop == end:
                         replacement = b""
                         self.held = buf[start:stop]
                     elif index + 1 < len(events):
@@ -543,6 +553,19 @@ class ServerConnection(asyncio.Protocol):
             elif typ == codes.B_ERROR_RESPONSE:
                 body = buf[start + 5 : stop]
                 fields = self._note_error(body)
+                if self.fatal:
+                    # The server ends the session (shutdown, pg_terminate_backend): its
+                    # FATAL would end the client's too. Where the client can go on,
+                    # it is not relayed: pgmux answers what the client awaits instead.
+                    self.batch_started = start > batch_start or (
+                        not batch_start and self.batch_started
+                    )
+                    if may_outlive(client, self):
+                        parts = parts or []
+                        parts.append(memoryview(buf)[cursor:start])
+                        write(b"".join(parts))
+                        self.close(fields.get("M") or "server reported a fatal error")
+                        return
                 if not (self.markers and MARKER_PREFIX in body):  # error_reply counts those
                     self.stats.count_error(fields.get("C"))
                 retry = None
@@ -1135,16 +1158,21 @@ class ServerConnection(asyncio.Protocol):
     # -- closing ----------------------------------------------------------------------------
 
     def close(self, reason: str) -> None:
-        """Close this server connection; idempotent. A linked client is told and closed."""
+        """Close this server connection; idempotent. A linked client is told: its
+        session goes on where it can (server_loss.py), else it closes."""
         if self.state is ServerState.CLOSED:
             return
         log.info("%s: closing: %s", self, reason)
+        client = self.client
+        outlived = client is not None and may_outlive(client, self)
         self._cancel_timer()
         self.relaying = False
         callback, self.on_ready = self.on_ready, None
         self.pool.server_closed(self)
-        client = self.client
-        if client is not None:
+        if client is not None and outlived:
+            self.client = None
+            outlive_server(client, self, reason)
+        elif client is not None:
             self.client = None
             client.server_lost(
                 ServerConnectionLost(

@@ -357,8 +357,9 @@ def _statement(registry: Registry, sql: bytes) -> str | None:
 
 def client_activity(client: Any) -> str:
     """What a logged-in client is doing: active (a request running), idle in
-    transaction, pinned (holds its server between transactions), idle (no server),
-    waiting (queued for one), login, or admin."""
+    transaction, idle in transaction (aborted) (its server was lost under its
+    transaction block), pinned (holds its server between transactions), idle (no
+    server), waiting (queued for one), login, or admin."""
     state = client.state
     if state is ClientState.WAITING:
         return "waiting"
@@ -366,6 +367,8 @@ def client_activity(client: Any) -> str:
         return "login"
     if state is ClientState.ADMIN:
         return "admin"
+    if state is ClientState.FAILED:  # its server was lost: see ClientConnection.failed
+        return "idle in transaction (aborted)"
     server = client.server
     if server is None:
         return "idle"

@@ -83,8 +83,9 @@ RELAY_INTERESTING = interesting_table(b"ZSEG")
 
 
 # Client messages the relay reads whole when it tracks prepared statements and session
-# state: Parse, Bind, Describe, Close (statement names) and Query (its SQL).
-TRACKED_FRONTEND = interesting_table(b"PBDCQ")
+# state: Parse, Bind, Describe, Close (statement names), Query (its SQL) and
+# FunctionCall (a request without SQL: see server_loss.py, what a lost request leaves).
+TRACKED_FRONTEND = interesting_table(b"PBDCQF")
 NOTHING = interesting_table(b"")
 
 
@@ -196,6 +197,14 @@ class FrontendStream:
     def partial(self) -> bool:
         """The next chunk continues a message rather than starting one."""
         return self._skip > 0 or bool(self._hold)
+
+    def take_held(self) -> bytes:
+        """Give up the start of a message held back until whole (never forwarded): the
+        bytes, for whoever reads the client's stream from here on."""
+        held = bytes(self._hold)
+        self._hold.clear()
+        self._need = 0
+        return held
 
     def feed(self, data: bytes) -> tuple[bytes, int, Sequence[FrontendEvent], bool]:
         """Scan a chunk. Returns ``(buf, end, events, terminated)``: forward ``buf[:end]``.
@@ -329,6 +338,12 @@ class BackendStream:
     @property
     def mid_message(self) -> bool:
         return self._skip > 0 or bool(self._hold)
+
+    @property
+    def forwarded_partly(self) -> bool:
+        """Part of a message went out and the rest has not arrived: nothing can be
+        framed for the client until it does. (Held bytes never went out.)"""
+        return self._skip > 0
 
     def feed(self, data: bytes) -> tuple[bytes, int, Sequence[Event]]:
         """Scan a chunk. Returns ``(buf, end, events)``: ``buf[:end]`` may be forwarded.
