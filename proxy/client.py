@@ -25,7 +25,19 @@ from .errors import (
     ShuttingDown,
 )
 from .login import Login
-from .pool import ClientState, Pool, Registry, Settings, link, unlink
+from .pool import (
+    CLIENT_ADMIN,
+    CLIENT_CLOSED,
+    CLIENT_FAILED,
+    CLIENT_IDLE,
+    CLIENT_LOGIN,
+    CLIENT_WAITING,
+    Pool,
+    Registry,
+    Settings,
+    link,
+    unlink,
+)
 from .prepared import (
     Statement,
     copy_batch,
@@ -127,7 +139,7 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
         self.id = registry.new_client_id()
-        self.state = ClientState.LOGIN
+        self.state = CLIENT_LOGIN
         self.login: Login | None = Login(self)
         self.welcomed = False
         self.greeting = b""  # login bytes held back to go out with the welcome (or error)
@@ -212,23 +224,23 @@ class ClientConnection(asyncio.Protocol):
         server = self.server
         if server is not None and server.relaying:
             self._forward(server, data)
-        elif self.state is ClientState.IDLE:
+        elif self.state is CLIENT_IDLE:
             self._start_request(data)
-        elif self.state is ClientState.LOGIN:
+        elif self.state is CLIENT_LOGIN:
             if self.login is not None:
                 self.login.data_received(data)
-        elif self.state is ClientState.ADMIN:
+        elif self.state is CLIENT_ADMIN:
             self.admin.data_received(data)
-        elif self.state is ClientState.FAILED:
+        elif self.state is CLIENT_FAILED:
             answer_failed_block(self, data)
-        elif self.state is not ClientState.CLOSED:
+        elif self.state is not CLIENT_CLOSED:
             self._hold(data)  # waiting for a server, or the server runs pgmux's own query
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost cleans up
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.state is not ClientState.CLOSED:
+        if self.state is not CLIENT_CLOSED:
             self._release_everything(str(exc) if exc else "client disconnected")
 
     def close(self, reason: str = "closed by pgmux") -> None:
@@ -237,14 +249,14 @@ class ClientConnection(asyncio.Protocol):
         Everything is let go before the socket closes, so no server ever writes to a
         client that is on its way out.
         """
-        if self.state is not ClientState.CLOSED:
+        if self.state is not CLIENT_CLOSED:
             self._release_everything(reason)
         self.transport.close()
 
     def _release_everything(self, reason: str) -> None:
-        if self.state is ClientState.WAITING:
+        if self.state is CLIENT_WAITING:
             self.pool.leave_queue(self)
-        self.state = ClientState.CLOSED
+        self.state = CLIENT_CLOSED
         self.cancel_timer()
         registry = self.registry
         registry.clients.discard(self)
@@ -460,7 +472,7 @@ class ClientConnection(asyncio.Protocol):
     def _resend_pending(self) -> None:
         pending = self.pending
         self.pending = None
-        if not pending or self.state is not ClientState.IDLE:
+        if not pending or self.state is not CLIENT_IDLE:
             if pending:
                 self.pending = pending
             return
@@ -528,7 +540,7 @@ class ClientConnection(asyncio.Protocol):
         server = self.server
         if server is not None:
             unlink(self, server)
-        if self.state is ClientState.CLOSED:
+        if self.state is CLIENT_CLOSED:
             return
         if already_told:
             self.close("the server ended the session")
@@ -549,7 +561,7 @@ class ClientConnection(asyncio.Protocol):
         if registry.config.log_pooler_errors:
             level = logging.WARNING if fatal or not self.welcomed else logging.INFO
             log.log(level, "%s: %s %s: %s", self, severity, error.sqlstate, error.message)
-        if self.state is ClientState.CLOSED or self.transport.is_closing():
+        if self.state is CLIENT_CLOSED or self.transport.is_closing():
             return
         (self.stats or registry.stats).count_pooler_error(error.reason, error.sqlstate)
         payload = self.greeting + messages.error_response(
@@ -565,7 +577,7 @@ class ClientConnection(asyncio.Protocol):
     def send_notice(self, text: str, hint: str | None = None) -> None:
         """A NoticeResponse: protocol-wise allowed at any time, shown by clients as a
         warning or passed to their notice handler."""
-        if self.state is not ClientState.CLOSED and not self.transport.is_closing():
+        if self.state is not CLIENT_CLOSED and not self.transport.is_closing():
             self.transport.write(
                 messages.error_response("NOTICE", "00000", text, hint=hint, notice=True)
             )
@@ -638,7 +650,7 @@ class ClientConnection(asyncio.Protocol):
         """Authenticated for the admin console (called by Login)."""
         self.cancel_timer()
         self.welcomed = True
-        self.state = ClientState.ADMIN
+        self.state = CLIENT_ADMIN
         self.cancel_pid, self.cancel_key = self.registry.register_cancel_key(self)
         rest = self.login.take_rest() if self.login is not None else b""
         self.login = None
@@ -667,7 +679,7 @@ class ClientConnection(asyncio.Protocol):
         assert pool.params is not None
         self.cancel_timer()
         self.welcomed = True
-        self.state = ClientState.IDLE
+        self.state = CLIENT_IDLE
         welcome = pool.welcome_cache.get(self.settings)
         if welcome is None:
             params = dict(pool.params)
@@ -707,7 +719,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _login_timed_out(self, timeout: float) -> None:
         self.timer = None
-        if self.state is ClientState.WAITING:
+        if self.state is CLIENT_WAITING:
             self.pool.leave_queue(self)
         self.fail(
             LoginTimeout(

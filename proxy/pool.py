@@ -95,6 +95,23 @@ class ClientState(enum.Enum):
     CLOSED = "closed"
 
 
+# The states as module-level names, for code on the relay's path: in Python 3.11 an enum
+# member read through its class costs about 70 ns, a global name about 4.
+SERVER_CONNECTING = ServerState.CONNECTING
+SERVER_LOGIN = ServerState.LOGIN
+SERVER_IDLE = ServerState.IDLE
+SERVER_ACTIVE = ServerState.ACTIVE
+SERVER_TESTED = ServerState.TESTED
+SERVER_CLOSED = ServerState.CLOSED
+CLIENT_LOGIN = ClientState.LOGIN
+CLIENT_IDLE = ClientState.IDLE
+CLIENT_WAITING = ClientState.WAITING
+CLIENT_ACTIVE = ClientState.ACTIVE
+CLIENT_FAILED = ClientState.FAILED
+CLIENT_ADMIN = ClientState.ADMIN
+CLIENT_CLOSED = ClientState.CLOSED
+
+
 class PooledServer(Protocol):
     """What the pool needs of a server connection."""
 
@@ -412,12 +429,12 @@ class Pool:
         if self.idle and not self.n_waiting:
             server = self.idle.pop()  # LIFO, or FIFO with server_round_robin (release)
             if server.idle_since >= self.check_before:
-                server.state = ServerState.ACTIVE
-                client.state = ClientState.ACTIVE
+                server.state = SERVER_ACTIVE
+                client.state = CLIENT_ACTIVE
                 self.stats.server_assignments += 1
                 return server
             return self._acquire_due(client, server)
-        client.state = ClientState.WAITING
+        client.state = CLIENT_WAITING
         client.wait_started = time.monotonic()
         self.waiters.append(client)
         self.n_waiting += 1
@@ -449,13 +466,13 @@ class Pool:
             idle.append(server)  # back where it was: the longest idle
             if idle[0].idle_since >= self.check_before:
                 server = idle.popleft()
-                server.state = ServerState.ACTIVE
-                client.state = ClientState.ACTIVE
+                server.state = SERVER_ACTIVE
+                client.state = CLIENT_ACTIVE
                 self.stats.server_assignments += 1
                 return server
         else:
             idle.append(server)  # the others have been idle longer: due as well
-        client.state = ClientState.WAITING
+        client.state = CLIENT_WAITING
         client.wait_started = time.monotonic()
         self.waiters.append(client)
         self.n_waiting += 1
@@ -470,28 +487,28 @@ class Pool:
         it, PostgreSQL restarted), the others likely did too."""
         while self.idle and self.n_waiting > self.testing:
             server = self.idle.pop()  # the most recently used: the likeliest alive
-            server.state = ServerState.TESTED
+            server.state = SERVER_TESTED
             self.testing += 1
             server.check(self.check_query, self.config.server_connect_timeout)
 
     def check_passed(self, server: PooledServer) -> None:
         """server_check_query answered: the server goes to the longest waiter, as a
         released one does (or back to idle, freshly checked, if nobody waits now)."""
-        if server.state is not ServerState.TESTED:
+        if server.state is not SERVER_TESTED:
             return
         self.testing -= 1
-        server.state = ServerState.ACTIVE
+        server.state = SERVER_ACTIVE
         self.release(server)
 
     def leave_queue(self, client: PooledClient) -> None:
         """A waiting client gave up (disconnected); it is skipped when its turn comes."""
-        if client.state is ClientState.WAITING:
-            client.state = ClientState.IDLE
+        if client.state is CLIENT_WAITING:
+            client.state = CLIENT_IDLE
             self.n_waiting -= 1
 
     def release(self, server: PooledServer) -> None:
         """A clean server comes back: straight to the longest waiter, else idle."""
-        if server.state is ServerState.CLOSED:
+        if server.state is SERVER_CLOSED:
             return
         if self.draining and self._close_released(server):
             return
@@ -501,14 +518,14 @@ class Pool:
             return
         waiter = self._next_waiter()
         if waiter is not None:
-            server.state = ServerState.ACTIVE
-            waiter.state = ClientState.ACTIVE
+            server.state = SERVER_ACTIVE
+            waiter.state = CLIENT_ACTIVE
             stats = self.stats
             stats.server_assignments += 1
             stats.count_wait(now - waiter.wait_started)
             waiter.assign_server(server)
             return
-        server.state = ServerState.IDLE
+        server.state = SERVER_IDLE
         server.idle_since = now
         if self.round_robin:
             self.idle.appendleft(server)
@@ -519,7 +536,7 @@ class Pool:
         waiters = self.waiters
         while waiters:
             client = waiters.popleft()
-            if client.state is ClientState.WAITING:
+            if client.state is CLIENT_WAITING:
                 self.n_waiting -= 1
                 return client
         return None
@@ -527,7 +544,7 @@ class Pool:
     def server_connected(self, server: PooledServer) -> None:
         self.connecting -= 1
         self.logging_in += 1
-        server.state = ServerState.LOGIN
+        server.state = SERVER_LOGIN
         server.retire_at = lifetime_end(server.created_at, self.config.server_lifetime)
         self.servers.add(server)
 
@@ -537,14 +554,14 @@ class Pool:
         self.release(server)
 
     def _forget(self, server: PooledServer) -> None:
-        if server.state is ServerState.LOGIN:
+        if server.state is SERVER_LOGIN:
             self.logging_in -= 1
-        elif server.state is ServerState.IDLE:
+        elif server.state is SERVER_IDLE:
             with contextlib.suppress(ValueError):
                 self.idle.remove(server)
-        elif server.state is ServerState.TESTED:
+        elif server.state is SERVER_TESTED:
             self.testing -= 1  # failed its check: _dispatch opens another for the queue
-        server.state = ServerState.CLOSED
+        server.state = SERVER_CLOSED
         if server in self.servers:
             self.servers.discard(server)
             self._slot_freed()
@@ -574,7 +591,7 @@ class Pool:
 
     def login_failed(self, server: PooledServer, error: ProxyError) -> None:
         """A server connected but could not log in; it is gone."""
-        if server.state is ServerState.CLOSED:
+        if server.state is SERVER_CLOSED:
             return
         self._forget(server)
         self._record_failure(error)
@@ -584,9 +601,9 @@ class Pool:
         server target_session_attrs asks for: it is gone, and its attempt goes on with
         another host, counted as connecting again. No failure is recorded yet, and the
         attempt keeps its slot under the shared limits (unlike _forget)."""
-        if server.state is ServerState.LOGIN:
+        if server.state is SERVER_LOGIN:
             self.logging_in -= 1
-        server.state = ServerState.CLOSED
+        server.state = SERVER_CLOSED
         self.servers.discard(server)
         self.connecting += 1
         if self.draining:
@@ -608,7 +625,7 @@ class Pool:
         if not self.servers and not self.connecting:
             # Nobody left who could serve the queue (a server still logging in counts).
             while (client := self._next_waiter()) is not None:
-                client.state = ClientState.IDLE
+                client.state = CLIENT_IDLE
                 client.fail_wait(error)
 
     def _dispatch(self) -> None:
@@ -675,7 +692,7 @@ class Pool:
         if self.n_waiting <= self.connecting + self.logging_in + self.testing:
             return None
         for client in self.waiters:
-            if client.state is ClientState.WAITING:
+            if client.state is CLIENT_WAITING:
                 return client.wait_started
         return None
 
@@ -704,7 +721,7 @@ class Pool:
         waiters = self.waiters
         while waiters:
             client = waiters[0]
-            if client.state is not ClientState.WAITING:
+            if client.state is not CLIENT_WAITING:
                 waiters.popleft()
                 continue
             waited = now - client.wait_started
@@ -712,7 +729,7 @@ class Pool:
                 return
             waiters.popleft()
             self.n_waiting -= 1
-            client.state = ClientState.IDLE
+            client.state = CLIENT_IDLE
             client.wait_expired(self._wait_timeout_error(waited))
 
     def _wait_timeout_error(self, waited: float) -> QueryWaitTimeout:
@@ -775,7 +792,7 @@ class Pool:
         stale = [s for s in self.idle if s.settings and id(s.settings) not in live]
         for server in stale:
             self.idle.remove(server)
-            server.state = ServerState.ACTIVE
+            server.state = SERVER_ACTIVE
         return stale
 
     def retry_dispatch(self) -> None:
@@ -797,8 +814,8 @@ def link(client: Any, server: Any) -> None:
     """Pair a client with a server for a transaction (or a session)."""
     client.server = server
     server.client = client
-    client.state = ClientState.ACTIVE
-    server.state = ServerState.ACTIVE
+    client.state = CLIENT_ACTIVE
+    server.state = SERVER_ACTIVE
 
 
 def unlink(client: Any, server: Any) -> None:
@@ -806,8 +823,8 @@ def unlink(client: Any, server: Any) -> None:
     client.server = None
     server.client = None
     server.relaying = False
-    if client.state is ClientState.ACTIVE:
-        client.state = ClientState.IDLE
+    if client.state is CLIENT_ACTIVE:
+        client.state = CLIENT_IDLE
 
 
 class Registry:

@@ -37,7 +37,18 @@ from .hosts import (
     mismatch_reason,
     role_verdict,
 )
-from .pool import NO_SETTINGS, TRANSIENT, Pool, Registry, ServerState, Settings
+from .pool import (
+    NO_SETTINGS,
+    SERVER_CLOSED,
+    SERVER_CONNECTING,
+    SERVER_IDLE,
+    SERVER_LOGIN,
+    SERVER_TESTED,
+    TRANSIENT,
+    Pool,
+    Registry,
+    Settings,
+)
 from .prepared import (
     CACHED_PLAN_ERROR,
     MARKER_PREFIX,
@@ -244,7 +255,7 @@ class ServerConnection(asyncio.Protocol):
         self.stats = pool.stats
         self.generation = pool.generation
         self.id = registry.new_server_id()
-        self.state = ServerState.CONNECTING
+        self.state = SERVER_CONNECTING
         self.transport: asyncio.Transport | None = None
         self.client: ClientConnection | None = None
         self.relaying = False
@@ -308,9 +319,9 @@ class ServerConnection(asyncio.Protocol):
                 else:
                     await loop.create_connection(lambda: self, host, port)
         except (OSError, TimeoutError) as exc:
-            if self.state is not ServerState.CONNECTING:
+            if self.state is not SERVER_CONNECTING:
                 return  # connected, then failed: reported by connection_lost
-            self.state = ServerState.CLOSED
+            self.state = SERVER_CLOSED
             if isinstance(exc, TimeoutError):
                 reason = f"no answer within {timeout:g} s (server_connect_timeout)"
             else:
@@ -335,7 +346,7 @@ class ServerConnection(asyncio.Protocol):
     def role_rejected(self, why: str) -> None:
         """Logged in, but the server is not the kind target_session_attrs asks for
         (called by ServerLogin, with libpq's words for it): try the next host."""
-        if self.state is ServerState.CLOSED:
+        if self.state is SERVER_CLOSED:
             return
         self._cancel_timer()
         log.info(
@@ -363,7 +374,7 @@ class ServerConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
-        if self.state is not ServerState.CONNECTING:
+        if self.state is not SERVER_CONNECTING:
             transport.abort()  # the connect timed out while the kernel finished it
             return
         self.transport = transport
@@ -388,12 +399,12 @@ class ServerConnection(asyncio.Protocol):
         self.pool.learn_params(self.params)
         log.debug("%s: logged in", self)
         self.pool.server_logged_in(self)
-        if rest and self.state is not ServerState.CLOSED:
+        if rest and self.state is not SERVER_CLOSED:
             self.data_received(rest)
 
     def login_failed(self, error: ProxyError) -> None:
         """The login cannot complete (called here and by ServerLogin)."""
-        if self.state is ServerState.CLOSED:
+        if self.state is SERVER_CLOSED:
             return
         self._cancel_timer()
         pool = self.pool
@@ -437,7 +448,7 @@ class ServerConnection(asyncio.Protocol):
                 self.batch_started = True
             return
         try:
-            if self.state is ServerState.LOGIN:
+            if self.state is SERVER_LOGIN:
                 assert self.login is not None
                 self.login.data_received(data)
                 return
@@ -445,7 +456,7 @@ class ServerConnection(asyncio.Protocol):
             for typ, start, stop in events:
                 self._internal_event(typ, buf, start, stop)
         except (ProtocolError, AuthError) as exc:
-            if self.state is ServerState.LOGIN:
+            if self.state is SERVER_LOGIN:
                 self.login_failed(
                     ServerLoginFailed(f'server login failed for pool "{self.pool.name}": {exc}')
                 )
@@ -669,7 +680,7 @@ class ServerConnection(asyncio.Protocol):
                 callback(status)
         elif typ == codes.B_ERROR_RESPONSE:
             self._note_error(buf[start + 5 : stop])
-            if self.on_ready is None and self.state is ServerState.IDLE:
+            if self.on_ready is None and self.state is SERVER_IDLE:
                 summary = messages.error_summary(self.error_fields or {})
                 log.info("%s: error while idle: %s", self, summary)
                 self.error_fields = None
@@ -699,7 +710,7 @@ class ServerConnection(asyncio.Protocol):
             log.debug("%s: %s; asking why once released", self, self.doomed)
             return
         log.info("%s: %s; closing it once released", self, self.doomed)
-        if self.state is ServerState.IDLE:
+        if self.state is SERVER_IDLE:
             self.close(self.doomed)
 
     def _confirm_read_only(self) -> None:
@@ -708,7 +719,7 @@ class ServerConnection(asyncio.Protocol):
         configuration (ALTER SYSTEM and a reload) is not (it closes)."""
 
         def known(rows: Rows, error: ErrorFields | None) -> None:
-            if self.state is ServerState.CLOSED:
+            if self.state is SERVER_CLOSED:
                 return
             if error is None and rows and rows[0] and rows[0][0] == b"session":
                 self.doomed, self.doubt = None, False
@@ -744,7 +755,7 @@ class ServerConnection(asyncio.Protocol):
 
     def _checked(self, status: int, error: ErrorFields | None) -> None:
         self._cancel_timer()
-        if self.state is not ServerState.TESTED:
+        if self.state is not SERVER_TESTED:
             return  # closed meanwhile; close() said why
         if error is not None or status != codes.TX_IDLE:
             why = messages.error_summary(error) if error else f"transaction status {chr(status)}"
@@ -841,7 +852,7 @@ class ServerConnection(asyncio.Protocol):
         self.apply_settings(NO_SETTINGS, self._settings_reset)
 
     def _settings_reset(self, error: ErrorFields | None) -> None:
-        if self.state is ServerState.CLOSED:
+        if self.state is SERVER_CLOSED:
             return
         if error is not None:
             self.close(f"resetting session settings failed: {messages.error_summary(error)}")
@@ -905,7 +916,7 @@ class ServerConnection(asyncio.Protocol):
             self.reset_pending = True
         if discard:
             self.discard_pending = True
-        if self.state is ServerState.CLOSED:
+        if self.state is SERVER_CLOSED:
             return
         if self.fatal:
             self.close("server reported a fatal error")
@@ -960,7 +971,7 @@ class ServerConnection(asyncio.Protocol):
         self.fetch_rows(STATE_QUERY, [], lambda rows, error: self._state_known(client, rows, error))
 
     def _state_known(self, client: ClientConnection, rows: Rows, error: ErrorFields | None) -> None:
-        if self.state is ServerState.CLOSED:
+        if self.state is SERVER_CLOSED:
             return
         linked = self.client is client
         if error is not None:
@@ -1160,7 +1171,7 @@ class ServerConnection(asyncio.Protocol):
     def close(self, reason: str) -> None:
         """Close this server connection; idempotent. A linked client is told: its
         session goes on where it can (server_loss.py), else it closes."""
-        if self.state is ServerState.CLOSED:
+        if self.state is SERVER_CLOSED:
             return
         log.info("%s: closing: %s", self, reason)
         client = self.client
@@ -1201,9 +1212,9 @@ class ServerConnection(asyncio.Protocol):
             transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.state is not ServerState.CLOSED:
+        if self.state is not SERVER_CLOSED:
             why = f"server closed the connection ({exc})" if exc else "server closed the connection"
-            if self.state is ServerState.LOGIN:
+            if self.state is SERVER_LOGIN:
                 self.login_failed(
                     ServerLoginFailed(
                         f'server login failed for pool "{self.pool.name}": {why}',

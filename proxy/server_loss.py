@@ -4,7 +4,7 @@ answered, and its session goes on (transaction and statement pool modes).
 ``ServerConnection.close`` asks ``may_outlive`` whether the client's session can go on
 after its server is lost, and ``outlive_server`` answers each request the client still
 awaits with an ERROR 08006. A client that was in a transaction block is then in a
-failed block (ClientState.FAILED) with no server: ``answer_failed_block`` answers what
+failed block (CLIENT_FAILED) with no server: ``answer_failed_block`` answers what
 it sends as PostgreSQL answers in an aborted block (protocol/aborted.py), until it ends
 the block. Everything else keeps the old way: a FATAL and the connection closed.
 """
@@ -16,7 +16,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from .errors import FailedTransaction, ProtocolViolation, ServerConnectionLost
-from .pool import ClientState
+from .pool import CLIENT_FAILED, CLIENT_IDLE
 from .prepared import FUNCTION_CALL, adopt_statement, client_statement, forget_lost
 from .protocol import aborted, codes, messages
 from .protocol.aborted import AbortedBlock, lost_query
@@ -164,7 +164,7 @@ def outlive_server(client: ClientConnection, server: ServerConnection, why: str)
         block.receive_data(fe.take_held())  # the start of a message not sent on
         client.failed = block
         client.lost = untold
-        client.state = ClientState.FAILED
+        client.state = CLIENT_FAILED
         if open_batch and (count or not server.batch_started):
             # Nothing of the batch reached the client: it waits for replies to what
             # it sent (or is still sending). The error is due now.
@@ -231,7 +231,7 @@ def answer_failed_block(client: ClientConnection, data: bytes) -> None:
                 client.failed = None
                 client.lost = None
                 client.xact_since = 0.0
-                client.state = ClientState.IDLE
+                client.state = CLIENT_IDLE
                 rest = block.leftover()
                 if reply.rest is not None:  # ROLLBACK; more: the rest is a query
                     rest = messages.message(b"Q", reply.rest + b"\x00") + rest
