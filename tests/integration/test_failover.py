@@ -42,7 +42,7 @@ import asyncpg
 import pytest
 from support.admin import ADMIN_USERS, Console, show
 from support.helpers import connect_asyncpg, postgres_error, wait_until
-from support.pgcluster import APP_DB, APP_USER, REPLICATION_HBA, PgCluster
+from support.pgcluster import APP_DB, APP_USER, PgCluster
 from support.pgmux import PgmuxFactory, PgmuxProcess, deep_merge
 
 CLIENTS = 30
@@ -63,19 +63,11 @@ CONNECTION_FAILURE = "08006"
 @pytest.fixture(scope="module")
 def pair() -> Iterator[tuple[PgCluster, PgCluster]]:
     """(primary, standby) and the table the clients fill, made on the primary."""
-    primary = PgCluster.create(hba=REPLICATION_HBA)
-    try:
-        primary.psql(
-            f"CREATE TABLE {TABLE} (id bigserial PRIMARY KEY, client int NOT NULL);"
-            f"ALTER TABLE {TABLE} OWNER TO {APP_USER}"
-        )
-        standby = PgCluster.standby_of(primary)
-        try:
-            yield primary, standby
-        finally:
-            standby.destroy()
-    finally:
-        primary.destroy()
+    with PgCluster.primary_and_standby(
+        f"CREATE TABLE {TABLE} (id bigserial PRIMARY KEY, client int NOT NULL);"
+        f"ALTER TABLE {TABLE} OWNER TO {APP_USER}"
+    ) as clusters:
+        yield clusters
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from support.admin import ADMIN_USERS, Console, command, show
 from support.helpers import connect_asyncpg, error_of, log_lines, wait_until
-from support.pgcluster import APP_DB, REPLICATION_HBA, PgCluster, free_port
+from support.pgcluster import APP_DB, PgCluster, free_port
 from support.pgmux import PgmuxFactory, PgmuxProcess, deep_merge
 
 LOCAL = "127.0.0.1"
@@ -28,15 +28,8 @@ LOCAL = "127.0.0.1"
 @pytest.fixture(scope="module")
 def pair() -> Iterator[tuple[PgCluster, PgCluster]]:
     """(primary, standby): the standby streams from the primary."""
-    primary = PgCluster.create(hba=REPLICATION_HBA)
-    try:
-        standby = PgCluster.standby_of(primary)
-        try:
-            yield primary, standby
-        finally:
-            standby.destroy()
-    finally:
-        primary.destroy()
+    with PgCluster.primary_and_standby() as clusters:
+        yield clusters
 
 
 def databases(**entries: dict[str, Any]) -> dict[str, Any]:

@@ -281,6 +281,23 @@ class PgCluster:
             raise
         return standby
 
+    @classmethod
+    @contextlib.contextmanager
+    def primary_and_standby(cls, setup_sql: str = "") -> Iterator[tuple[PgCluster, PgCluster]]:
+        """A primary that allows replication, ``setup_sql`` run on it, and a streaming
+        standby of it; both destroyed afterwards."""
+        primary = cls.create(hba=REPLICATION_HBA)
+        try:
+            if setup_sql:
+                primary.psql(setup_sql)
+            standby = cls.standby_of(primary)
+            try:
+                yield primary, standby
+            finally:
+                standby.destroy()
+        finally:
+            primary.destroy()
+
     def promote(self) -> None:
         """``pg_ctl promote``: a standby becomes a primary; returns once it is one."""
         self._run([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-w", "promote"])
